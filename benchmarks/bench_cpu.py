@@ -1,0 +1,124 @@
+"""CPU benchmarks: what the sanitizer costs a checked call and unchecked aten ops.
+
+    python benchmarks/bench_cpu.py            # prints a table; medians of interleaved runs
+
+1. Per checked call of trtllm_batch_decode_with_kv_cache: what the wrapper adds before the
+   kernel (argument binding + the built-in rule), for valid SGLang-style tables, next to one
+   ``torch.max`` pass over the same table. Target: <= 2 x max + 20 us.
+2. Unchecked aten ops: a loop of small tensor ops, bare, inside ``with PagedSanitizer()``
+   (no dispatcher rule: no dispatch mode), with a dispatcher-op rule active (a
+   TorchDispatchMode is installed), and under a no-op TorchDispatchMode for scale.
+   Target: <= 1.25x bare.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("FLASHINFER_NO_DOWNLOAD", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import flashinfer.decode  # noqa: E402
+from conftest import make_batch  # noqa: E402
+from tsan_paged import PagedSanitizer  # noqa: E402
+from tsan_paged.interpose import interposer  # noqa: E402
+from tsan_paged.rules.flashinfer import TRTLLM_DECODE  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def median_us(fn, inner: int, repeats: int = 15) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter_ns() - start) / inner / 1000)
+    return statistics.median(samples)
+
+
+def bench_checked_calls():
+    rows = []
+    for batch_size, width in [(8, 128), (32, 256), (64, 512), (256, 512)]:
+        batch = make_batch(batch=batch_size, width=width, page_size=64, num_pages=batch_size * width,
+                           lengths=torch.randint(1, width * 64, (batch_size,), generator=torch.Generator().manual_seed(0)))
+        table = batch["block_tables"]
+        with PagedSanitizer(mode="raise") as san:
+            patched = interposer.patched[TRTLLM_DECODE]
+            rules = san._rules[TRTLLM_DECODE]
+
+            def checked_call():
+                san._check_and_act(TRTLLM_DECODE, rules, patched.binder.bind((), batch), ())
+
+            def one_max():
+                torch.max(table)
+
+            inner = 200 if table.numel() < 50_000 else 50
+            check, reduction = [], []
+            for _ in range(3):  # interleave to share the machine's noise
+                check.append(median_us(checked_call, inner))
+                reduction.append(median_us(one_max, inner))
+            check, reduction = statistics.median(check), statistics.median(reduction)
+            assert not san.reports
+        rows.append((f"{batch_size}x{width}", check, reduction, 2 * reduction + 20))
+    return rows
+
+
+class NoOpMode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def bench_unchecked_aten():
+    sys.modules.setdefault("paged_ops", __import__("paged_ops"))
+    from paged_ops import registry as op_registry
+
+    a, b = torch.randn(16), torch.randn(16)
+
+    def loop():
+        for _ in range(100):
+            torch.mul(torch.add(a, b), b).sum()
+
+    settings = {
+        "bare": lambda: _null(),
+        "PagedSanitizer() (no dispatcher rule)": lambda: PagedSanitizer(),
+        "PagedSanitizer() + a dispatcher-op rule": lambda: PagedSanitizer(registry=op_registry),
+        "no-op TorchDispatchMode (reference)": lambda: NoOpMode(),
+    }
+    results = {name: [] for name in settings}
+    for _ in range(5):
+        for name, make in settings.items():
+            with make():
+                results[name].append(median_us(loop, 20, repeats=5) / 300)  # per aten op
+    med = {name: statistics.median(v) for name, v in results.items()}
+    return [(name, us, us / med["bare"]) for name, us in med.items()]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main():
+    print(f"torch {torch.__version__}, flashinfer {flashinfer.__version__}, 1 thread, medians\n")
+    print("Checked call of trtllm_batch_decode_with_kv_cache (bind + rule), valid tables")
+    print(f"{'table':>10} {'check us':>10} {'torch.max us':>13} {'target us':>10} {'met':>5}")
+    for name, check, reduction, target in bench_checked_calls():
+        print(f"{name:>10} {check:>10.1f} {reduction:>13.1f} {target:>10.1f} {'yes' if check <= target else 'NO':>5}")
+    print("\nUnchecked aten ops (add/mul/sum on 16 floats)")
+    print(f"{'setting':<42} {'us/op':>7} {'ratio':>6}")
+    for name, us, ratio in bench_unchecked_aten():
+        print(f"{name:<42} {us:>7.2f} {ratio:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

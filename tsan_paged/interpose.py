@@ -1,0 +1,259 @@
+"""The Python-callable catcher: wrap a kernel entry point wherever it is bound.
+
+Most paged kernels (FlashInfer 0.7 through TVM-FFI, pybind modules) never reach the
+PyTorch dispatcher, so they are caught at their Python entry point. A target
+``"pkg.mod:fn"`` is replaced by a wrapper
+
+- in its defining module (so ``pkg.mod.fn(...)`` and the module's own global lookups see it),
+- in every already-imported module whose namespace holds the same object under any name
+  (package re-exports, ``from pkg.mod import fn as k`` in a serving backend, a test's
+  module global),
+- in modules imported later while active: an import hook patches a target module when it
+  is first imported and rebinds names in every module imported afterwards.
+
+Everything is put back exactly on :meth:`Interposer.restore`: a name is restored only if it
+still holds our wrapper (a name the program rebound meanwhile is left alone). Bindings this
+cannot see: references captured before the sanitizer started in closures, class attributes,
+``functools.partial`` objects and containers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .registry import SignatureBinder, parse_target
+
+
+@dataclass
+class Patched:
+    """One wrapped target: the original, its wrapper, its binder and where it was put."""
+
+    target: str
+    original: Callable
+    wrapper: Callable = None
+    binder: Optional[SignatureBinder] = None
+    library_dirs: tuple = ()
+    sites: list = field(default_factory=list)  # [(namespace dict or object, name)]
+
+
+class Interposer:
+    """Process-wide: the set of wrapped targets and the import hook that keeps it complete."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.patched: dict = {}  # target -> Patched
+        self.pending: set = set()  # targets whose module is not imported yet
+        self._by_id: dict = {}  # id(original) -> Patched
+        self._watcher: Optional[_ImportWatcher] = None
+        self.on_call: Callable = None  # (Patched, args, kwargs) -> result
+        self.on_resolve_error: Callable = None  # (target, message) -> None
+        self.on_patched: Callable = None  # (Patched) -> None, for targets patched on import
+
+    # -- public -----------------------------------------------------------------------
+    def install(self, targets) -> None:
+        """Wrap every target in ``targets`` not wrapped yet; watch imports for the rest."""
+        with self.lock:
+            new = [t for t in targets if t not in self.patched and t not in self.pending]
+            for target in new:
+                self._try_patch(target)
+            if self.patched or self.pending:
+                self._sweep_modules(list(sys.modules.values()))
+                self._watch_imports()
+
+    def restore(self) -> None:
+        """Put every original back where a wrapper was put; stop watching imports."""
+        with self.lock:
+            if self._watcher is not None:
+                try:
+                    sys.meta_path.remove(self._watcher)
+                except ValueError:
+                    pass
+                self._watcher = None
+            for patched in self.patched.values():
+                for namespace, name in patched.sites:
+                    if isinstance(namespace, dict):
+                        if namespace.get(name) is patched.wrapper:
+                            namespace[name] = patched.original
+                    elif getattr(namespace, name, None) is patched.wrapper:
+                        setattr(namespace, name, patched.original)
+            self.patched.clear()
+            self.pending.clear()
+            self._by_id.clear()
+
+    # -- patching ---------------------------------------------------------------------
+    def _try_patch(self, target: str) -> None:
+        module_name, attr_path = parse_target(target)
+        module = sys.modules.get(module_name)
+        if module is None:
+            self.pending.add(target)
+            return
+        self.pending.discard(target)
+        owner, name = module, attr_path
+        try:
+            *parents, name = attr_path.split(".")
+            for part in parents:
+                owner = getattr(owner, part)
+            original = getattr(owner, name)
+        except AttributeError:
+            self._resolve_error(target, f"{module_name} has no attribute {attr_path!r} "
+                                        f"({_version_of(module_name)}): the rule cannot bind")
+            return
+        if not callable(original):
+            self._resolve_error(target, f"{target} is a {type(original).__name__}, not a callable")
+            return
+        try:
+            binder = SignatureBinder(original)
+        except (TypeError, ValueError):
+            binder = None  # no introspectable signature: rules see positional args only
+        patched = Patched(target, original, binder=binder, library_dirs=_library_dirs(module_name))
+        patched.wrapper = self._make_wrapper(patched)
+        self.patched[target] = patched
+        self._by_id[id(original)] = patched
+        self._by_id[id(patched.wrapper)] = patched
+        namespace = getattr(owner, "__dict__", None)
+        if isinstance(namespace, dict) and namespace.get(name) is original:
+            namespace[name] = patched.wrapper
+            patched.sites.append((namespace, name))
+        else:  # e.g. a class attribute bound through a descriptor
+            setattr(owner, name, patched.wrapper)
+            patched.sites.append((owner, name))
+        if self.on_patched is not None:
+            self.on_patched(patched)
+
+    def _make_wrapper(self, patched: Patched):
+        on_call = self.on_call
+
+        @functools.wraps(patched.original)
+        def tsan_paged_wrapper(*args, **kwargs):
+            return on_call(patched, args, kwargs)
+
+        tsan_paged_wrapper.__tsan_paged_original__ = patched.original
+        return tsan_paged_wrapper
+
+    def _sweep_modules(self, modules) -> None:
+        """Rebind every module-level name that holds an original to its wrapper.
+
+        Names that already hold a wrapper (bound from a patched module while active) are
+        recorded too, so that restore puts the original back there as well.
+        """
+        if not self._by_id:
+            return
+        by_id = self._by_id
+        for module in modules:
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            hits = [(name, value) for name, value in list(namespace.items()) if id(value) in by_id]
+            for name, value in hits:
+                patched = by_id[id(value)]
+                if value is patched.original:
+                    namespace[name] = patched.wrapper
+                    patched.sites.append((namespace, name))
+                elif value is patched.wrapper and (namespace, name) not in patched.sites:
+                    patched.sites.append((namespace, name))
+
+    def _resolve_error(self, target: str, message: str) -> None:
+        if self.on_resolve_error is not None:
+            self.on_resolve_error(target, message)
+
+    # -- imports ----------------------------------------------------------------------
+    def _watch_imports(self) -> None:
+        if self._watcher is None:
+            self._watcher = _ImportWatcher(self._module_imported)
+            sys.meta_path.insert(0, self._watcher)
+
+    def _module_imported(self, module) -> None:
+        with self.lock:
+            if self._watcher is None:
+                return
+            name = module.__name__
+            for target in [t for t in self.pending if parse_target(t)[0] == name]:
+                self._try_patch(target)
+                patched = self.patched.get(target)
+                if patched is not None:  # re-exports made while the package imported
+                    self._sweep_modules([m for m in list(sys.modules.values())
+                                         if getattr(m, "__name__", "").startswith(name.split(".")[0])])
+            self._sweep_modules([module])
+
+
+class _ImportWatcher(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; tells the interposer when a module finished executing."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self._busy = threading.local()
+
+    def find_spec(self, fullname, path, target=None):
+        if getattr(self._busy, "active", False):
+            return None
+        self._busy.active = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._busy.active = False
+        loader = spec.loader
+        if loader is not None and hasattr(loader, "exec_module") and not isinstance(loader, type):
+            spec.loader = _NotifyingLoader(loader, self.callback)
+        return spec
+
+
+class _NotifyingLoader(importlib.abc.Loader):
+    """Delegates to the real loader, then reports the executed module."""
+
+    def __init__(self, loader, callback):
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def _library_dirs(module_name: str) -> tuple:
+    """Where frames are 'inside the kernel's library', not 'the caller'.
+
+    The defining module's file, and for an installed package (under site-packages) the whole
+    top-level package, so a library calling its own entry point is attributed to its user.
+    """
+    dirs = []
+    module = sys.modules.get(module_name)
+    if getattr(module, "__file__", None):
+        dirs.append(module.__file__)
+    top = sys.modules.get(module_name.split(".")[0])
+    for path in list(getattr(top, "__path__", None) or []):
+        if "site-packages" in path or "dist-packages" in path:
+            dirs.append(path)
+    return tuple(dirs)
+
+
+def _version_of(module_name: str) -> str:
+    from importlib import metadata
+
+    top = module_name.split(".")[0]
+    for dist in metadata.packages_distributions().get(top, [top]):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "version unknown"
+
+
+interposer = Interposer()

@@ -1,0 +1,7 @@
+"""Built-in rules, one module per library. Importing this package registers them.
+
+Rule modules never import the library they cover: a target whose module is not imported
+is wrapped when (if) it is.
+"""
+
+from . import flashinfer  # noqa: F401

@@ -1,0 +1,350 @@
+"""PagedSanitizer: check paged-KV kernel calls before they run.
+
+Turn it on around a block or a function::
+
+    from tsan_paged import PagedSanitizer
+    with PagedSanitizer(mode="raise"):
+        flashinfer.decode.trtllm_batch_decode_with_kv_cache(...)
+
+While active, every call to a target of a registered rule is caught (Python entry points by
+:mod:`tsan_paged.interpose`, dispatcher ops by :mod:`tsan_paged.dispatch`), its arguments
+are bound by name and checked by the rules, and findings are handled by mode:
+
+- ``log``: report (loguru), then call the kernel unchanged;
+- ``raise``: report, dump, raise :class:`PageTableViolation` in the caller; the kernel is
+  not called;
+- ``abort``: report, dump, flush, and end the process at once with ``os._exit(exit_code)``
+  (default 86) - for servers whose loops swallow exceptions.
+
+Only error-severity findings raise or abort; warnings are reported and the call goes on.
+A rule that cannot bind (its target is missing, or the signature lost a name it reads) is
+a ``rule-unbound`` warning; a rule that raises is a ``rule-error`` warning. The sanitizer
+itself never stops a program in ``log`` mode.
+
+Patches are process-wide and reference-counted over all active sanitizers: nesting,
+re-entering the same instance, exceptions in the block and exits on other threads leave
+nothing behind once the last one exits. Calls are checked by the most recently entered
+active sanitizer. Rules registered while a sanitizer is active apply from its next entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import traceback
+from typing import Optional
+
+from loguru import logger
+
+from . import config as config_mod
+from . import dump as dump_mod
+from .dispatch import DispatchCatcher
+from .interpose import Patched, interposer
+from .registry import Call, CheckOptions, Registry, UnboundArgument, is_dispatcher_target, registry
+from .report import PageTableViolation, Violation, reporter
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_MACHINERY = tuple(os.path.join(_HERE, f) for f in ("sanitizer.py", "interpose.py", "dispatch.py"))
+
+_state_lock = threading.RLock()
+_active: list = []  # entered sanitizers, most recent last
+_local = threading.local()  # .checking: a rule is running on this thread
+
+
+class PagedSanitizer(contextlib.ContextDecorator):
+    """Context manager and decorator that checks paged-KV kernel calls made while active.
+
+    Args:
+        mode: ``"log"``, ``"raise"`` or ``"abort"``; default from ``config``, else ``"log"``.
+        config: a TOML path, a dict of config keys, or a :class:`tsan_paged.config.Config`.
+        dump_dir: where dumps go (default ``./tsan_paged_dumps``).
+        registry: the rules to use (default: built-in rules plus every ``@tsan_paged.rule``).
+
+    Attributes:
+        reports: every :class:`Violation` seen while active (up to ``max_reports``).
+    """
+
+    def __init__(self, mode: Optional[str] = None, config=None, dump_dir: Optional[str] = None, *,
+                 registry: Optional[Registry] = None, dump_on_log: Optional[bool] = None,
+                 max_dumps: Optional[int] = None, exit_code: Optional[int] = None):
+        self.config = config_mod.load(config)
+        overrides = {"mode": config_mod.check_mode(mode), "dump_dir": dump_dir, "dump_on_log": dump_on_log,
+                     "max_dumps": max_dumps, "exit_code": exit_code}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            self.config = config_mod.from_dict({**_explicit(self.config), **overrides}, source=self.config.source)
+        self.mode = self.config.mode
+        self.registry = registry if registry is not None else _default_registry()
+        self.options = CheckOptions(disabled=self.config.disabled_checks())
+        self.reports: list = []
+        self.dropped = 0
+        self.dumps: list = []
+        self._depth = 0
+        self._rules: dict = {}  # target -> rules that bind, fixed at entry
+        self._dispatch_catcher: Optional[DispatchCatcher] = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------
+    def __enter__(self) -> "PagedSanitizer":
+        with _state_lock:
+            self._depth += 1
+            if self._depth > 1:
+                return self
+            self._rules = {target: list(rules) for target, rules in self.registry.rules.items() if rules}
+            _active.append(self)
+            try:
+                interposer.install([t for t in self._rules if not is_dispatcher_target(t)])
+                for target in self._rules:
+                    patched = interposer.patched.get(target)
+                    if patched is not None:
+                        self._bind_rules(patched)
+                dispatcher_targets = [t for t in self._rules if is_dispatcher_target(t)]
+                if dispatcher_targets:
+                    self._check_dispatcher_targets(dispatcher_targets)
+                    self._dispatch_catcher = DispatchCatcher(dispatcher_targets, self._on_dispatch_call)
+                    self._dispatch_catcher.__enter__()
+            except BaseException:
+                self._leave()
+                raise
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        with _state_lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._leave()
+        return False
+
+    def _leave(self) -> None:
+        self._depth = 0
+        if self._dispatch_catcher is not None:
+            catcher, self._dispatch_catcher = self._dispatch_catcher, None
+            try:
+                catcher.__exit__(None, None, None)
+            except Exception as exc:  # entered on another thread: its mode stack is not ours
+                logger.warning(f"tsan_paged: could not pop the dispatch mode on this thread: {exc}")
+        if self in _active:
+            _active.remove(self)
+        if _active:
+            interposer.install([t for s in _active for t in s._rules if not is_dispatcher_target(t)])
+        else:
+            interposer.restore()
+
+    @property
+    def active(self) -> bool:
+        return self._depth > 0
+
+    @property
+    def errors(self) -> list:
+        return [v for v in self.reports if v.severity == "error"]
+
+    # -- binding ----------------------------------------------------------------------
+    def _bind_rules(self, patched: Patched) -> None:
+        """Drop (and report) rules whose arguments the target's signature no longer has."""
+        bound = []
+        for rule in self._rules.get(patched.target, []):
+            missing = patched.binder.missing(rule.reads) if patched.binder else list(rule.reads)
+            if missing:
+                self._unbound(patched.target, f"rule {rule.name} reads {missing}, which "
+                                              f"{patched.target} no longer takes (library drift?)")
+            else:
+                bound.append(rule)
+        self._rules[patched.target] = bound
+
+    def _check_dispatcher_targets(self, targets) -> None:
+        import torch
+
+        for target in targets:
+            ns, op = target.split("::")
+            packet_name, _, overload = op.partition(".")
+            try:
+                packet = getattr(getattr(torch.ops, ns), packet_name)
+                schema = getattr(packet, overload or "default")._schema
+            except (AttributeError, RuntimeError):
+                self._unbound(target, f"dispatcher op {target} is not registered in this process "
+                                      "(yet); calls to it are caught once it is")
+                continue
+            names = {a.name for a in schema.arguments}
+            bound = []
+            for rule in self._rules[target]:
+                missing = [n for n in rule.reads if n not in names]
+                if missing:
+                    self._unbound(target, f"rule {rule.name} reads {missing}, not in the schema {schema}")
+                else:
+                    bound.append(rule)
+            self._rules[target] = bound
+
+    def _unbound(self, target: str, message: str) -> None:
+        self._record([Violation("rule-unbound", target, message, op=target)])
+
+    # -- calls ------------------------------------------------------------------------
+    def _on_python_call(self, patched: Patched, args: tuple, kwargs: dict):
+        rules = self._rules.get(patched.target)
+        if not rules:
+            return patched.original(*args, **kwargs)
+        try:
+            arguments = patched.binder.bind(args, kwargs) if patched.binder else dict(enumerate(args), **kwargs)
+        except TypeError:  # a malformed call: the library raises its own error
+            return patched.original(*args, **kwargs)
+        self._check_and_act(patched.target, rules, arguments, patched.library_dirs)
+        return patched.original(*args, **kwargs)
+
+    def _on_dispatch_call(self, target: str, func, arguments: dict, args: tuple, kwargs: dict):
+        rules = self._rules.get(target)
+        if rules and not getattr(_local, "checking", False):
+            self._check_and_act(target, rules, arguments, (_torch_dir(),))
+        return func(*args, **kwargs)
+
+    def _check_and_act(self, target: str, rules, arguments: dict, library_dirs: tuple) -> None:
+        violations = self._run_rules(target, rules, arguments)
+        if not violations:
+            return
+        caller, stack = _find_caller(library_dirs)
+        violations = [v.replace(op=target, caller=caller, stack=stack) for v in violations]
+        self._record(violations)
+        errors = [v for v in violations if v.severity == "error"]
+        if not errors:
+            return
+        dump_path = None
+        if self.mode != "log" or self.config.dump_on_log:
+            dump_path = self._dump(target, arguments, violations)
+        if self.mode == "raise":
+            exc = PageTableViolation(errors)
+            exc.dump_path = dump_path
+            raise exc
+        if self.mode == "abort":
+            _abort(errors, dump_path, self.config.exit_code)
+
+    def _run_rules(self, target: str, rules, arguments: dict) -> list:
+        found = []
+        call = Call(target, arguments, self.options)
+        _local.checking = True
+        try:
+            for rule in rules:
+                try:
+                    found.extend(rule.check(call))
+                except UnboundArgument as exc:
+                    found.append(Violation("rule-unbound", target, f"rule {rule.name} reads {exc.args[0]!r}, "
+                                                                   f"which {target} does not take (library drift?)"))
+                except Exception as exc:
+                    found.append(Violation("rule-error", target, f"rule {rule.name} raised "
+                                           f"{type(exc).__name__}: {exc}; the call was not checked\n"
+                                           + "".join(traceback.format_exception(exc)[-3:]).rstrip()))
+        finally:
+            _local.checking = False
+        severity = self.config.severity
+        out = []
+        for v in found:
+            level = severity(v.check)
+            if level != "off":
+                out.append(v if v.severity == level else v.replace(severity=level))
+        return out
+
+    def _record(self, violations) -> None:
+        for v in violations:
+            reporter.report(v)
+            with self._lock:
+                if len(self.reports) < self.config.max_reports:
+                    self.reports.append(v)
+                else:
+                    self.dropped += 1
+
+    def _dump(self, target: str, arguments: dict, violations) -> Optional[str]:
+        try:
+            path = dump_mod.write(self.config.dump_dir, target, arguments, violations, self.config.max_dumps)
+        except Exception as exc:  # a full disk must not hide the finding
+            logger.error(f"tsan_paged: could not write a dump to {self.config.dump_dir}: {exc}")
+            return None
+        if path is not None:
+            self.dumps.append(str(path))
+            logger.bind(tsan_paged=True).error(f"tsan_paged: dumped the call to {path} "
+                                               f"(explain it with: tsan-paged show {path})")
+        return str(path) if path else None
+
+
+def current() -> Optional[PagedSanitizer]:
+    """The sanitizer that checks calls now: the most recently entered active one."""
+    return _active[-1] if _active else None
+
+
+def _dispatch_python_call(patched: Patched, args: tuple, kwargs: dict):
+    sanitizer = _active[-1] if _active else None
+    if sanitizer is None or getattr(_local, "checking", False):
+        return patched.original(*args, **kwargs)
+    return sanitizer._on_python_call(patched, args, kwargs)
+
+
+def _report_resolve_error(target: str, message: str) -> None:
+    for sanitizer in list(_active):
+        if target in sanitizer._rules:
+            sanitizer._unbound(target, message)
+
+
+def _target_patched(patched: Patched) -> None:
+    for sanitizer in list(_active):
+        if patched.target in sanitizer._rules:
+            sanitizer._bind_rules(patched)
+
+
+interposer.on_call = _dispatch_python_call
+interposer.on_resolve_error = _report_resolve_error
+interposer.on_patched = _target_patched
+
+
+def _abort(errors, dump_path, exit_code: int) -> None:
+    logger.bind(tsan_paged=True).critical(
+        f"tsan_paged: aborting (mode=abort, exit status {exit_code}) on {errors[0].check} in {errors[0].op}"
+        + (f"; dump {dump_path}" if dump_path else ""))
+    reporter.print_summary()
+    try:
+        logger.complete()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(exit_code)
+
+
+def _find_caller(library_dirs: tuple):
+    """``"file:line in function"`` of the first frame outside the catchers and the kernel's library."""
+    skip = _MACHINERY + tuple(library_dirs)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame = frame.f_back
+    if frame is None:
+        return "", ()
+    summary = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=12)
+    summary.reverse()
+    stack = tuple(f"{_short(f.filename)}:{f.lineno} in {f.name}" for f in summary)
+    return stack[-1], stack
+
+
+def _short(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if not rel.startswith("..") else path
+
+
+def _torch_dir() -> str:
+    import torch
+
+    return os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _explicit(config) -> dict:
+    """The keys of ``config`` as a dict ``config.from_dict`` accepts."""
+    return {"mode": config.mode, "exit_code": config.exit_code, "dump_dir": config.dump_dir,
+            "max_dumps": config.max_dumps, "dump_on_log": config.dump_on_log,
+            "max_reports": config.max_reports, "checks": dict(config.checks)}
+
+
+def _default_registry() -> Registry:
+    from . import rules  # noqa: F401  (registers the built-in rules)
+
+    return registry
