@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import flashinfer.decode  # noqa: E402
-from conftest import make_batch  # noqa: E402
+from batches import make_batch  # noqa: E402
 from tsan_paged import PagedSanitizer  # noqa: E402
 from tsan_paged.interpose import interposer  # noqa: E402
 from tsan_paged.rules.flashinfer import TRTLLM_DECODE  # noqa: E402

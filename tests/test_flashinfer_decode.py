@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
-from conftest import by_check, call_kernel, errors, make_batch
+from batches import by_check, call_kernel, errors, make_batch
 from tsan_paged import PagedSanitizer, PageTableViolation
 
 FORMS = [("tuple", True), ("single2", True), ("single1", True), ("tuple", False), ("single2", False)]
@@ -45,7 +45,7 @@ def test_live_fault_caught_at_its_index(kv_form, shared, layout, bad):
             call_kernel(batch)
     found = info.value.violations
     assert [(v.check, v.index, v.value, v.bound) for v in found] == [("page-out-of-range", index, value, 50)]
-    assert san.reports[0].caller.startswith("tests/conftest.py") or "conftest.py" in san.reports[0].caller
+    assert san.reports[0].caller.startswith("tests/batches.py:") and san.reports[0].caller.endswith("in call_kernel")
 
 
 def test_page_size_comes_from_the_layouts_dimension():

@@ -10,7 +10,7 @@ import pytest
 from flashinfer.decode import trtllm_batch_decode_with_kv_cache as alias_bound_before_start
 
 import tsan_paged
-from conftest import call_kernel, make_batch
+from batches import call_kernel, make_batch
 from tsan_paged import PagedSanitizer, PageTableViolation
 from tsan_paged.interpose import interposer
 
@@ -52,7 +52,7 @@ def assert_restored():
     assert flashinfer.decode.trtllm_batch_decode_with_kv_cache is HELD[0]
     assert globals()["alias_bound_before_start"] is HELD[0]
     assert interposer.patched == {} and interposer.pending == set()
-    assert not any(type(f).__name__ == "_ImportWatcher" for f in sys.meta_path)
+    assert not any(type(f).__name__ == "ImportWatcher" for f in sys.meta_path)
 
 
 def test_call_by_attribute():
@@ -100,7 +100,7 @@ def test_target_module_imported_while_active():
         assert "flashinfer.decode" not in sys.modules
         with PagedSanitizer(mode="raise"):
             import flashinfer.decode
-            from conftest import make_batch
+            from batches import make_batch
             batch = make_batch(lengths=[20, 20], num_pages=30)
             batch["block_tables"][1, 0] = 30
             try:

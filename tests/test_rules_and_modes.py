@@ -8,7 +8,7 @@ import textwrap
 import flashinfer.decode
 import pytest
 
-from conftest import KERNEL, call_kernel, make_batch
+from batches import KERNEL, call_kernel, make_batch
 from tsan_paged import ConfigError, PagedSanitizer, PageTableViolation, Violation
 from tsan_paged import dump as dump_mod
 from tsan_paged.registry import Registry, parse_target, rule
@@ -150,7 +150,7 @@ def test_dumps_are_bounded_unique_and_explained(dump_dir):
 
 def test_abort_mode_ends_the_process_with_the_documented_status(tmp_path):
     code = textwrap.dedent(f"""
-        from conftest import make_batch, call_kernel
+        from batches import make_batch, call_kernel
         from tsan_paged import PagedSanitizer
         batch = make_batch(lengths=[20, 40], num_pages=30)
         batch["block_tables"][1, 2] = 31

@@ -1,4 +1,4 @@
-"""The ``tsan-paged`` command: ``demo``, ``show DUMP``, ``rules``."""
+"""The ``tsan-paged`` command: ``demo``, ``run -- CMD``, ``show DUMP|DIR``, ``rules``."""
 
 from __future__ import annotations
 
@@ -14,28 +14,78 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tsan-paged", description="A sanitizer for paged-KV attention kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="catch the seed's off-by-one (8657 of 8657) through the real FlashInfer entry point, on CPU")
-    show = sub.add_parser("show", help="explain a dump: what was called, what was wrong, re-checked with the current rules")
-    show.add_argument("dump", nargs="+")
+    run = sub.add_parser("run", help="run a command with every Python process of its tree sanitized; merge their reports",
+                         usage="tsan-paged run [--mode M] [--config F] [--report-dir D] -- CMD ...")
+    run.add_argument("--mode", choices=("log", "raise", "abort"), help="default: the config's mode, else log")
+    run.add_argument("--config", help="a TOML config (exported as TSAN_PAGED_CONFIG)")
+    run.add_argument("--report-dir", help="where each process writes its JSON lines (default: a new directory "
+                                          "under ./tsan_paged_reports)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER)
+    show = sub.add_parser("show", help="explain a dump, or merge the reports of a report directory")
+    show.add_argument("dump", nargs="+", help="dump files (.pt) or report directories")
     sub.add_parser("rules", help="list the rules and whether each target resolves in this environment")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo()
+    if args.command == "run":
+        return _run(args, parser)
     if args.command == "show":
         return _show(args.dump)
     return _rules()
 
 
+def _run(args, parser) -> int:
+    import subprocess
+    import tempfile
+
+    from . import config as config_mod
+    from .report import merge_report_dir
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("run: give the command after --, e.g. tsan-paged run -- python -m sglang.launch_server ...")
+    try:  # a bad config is an error now, not in every child
+        config = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"tsan-paged run: {exc}", file=sys.stderr)
+        return 2
+    report_dir = args.report_dir or config.report_dir or None
+    if report_dir is None:
+        os.makedirs("tsan_paged_reports", exist_ok=True)
+        report_dir = tempfile.mkdtemp(prefix="run.", dir="tsan_paged_reports")
+    env = dict(os.environ, TSAN_PAGED=args.mode or config.mode, TSAN_PAGED_REPORT_DIR=os.path.abspath(report_dir))
+    if args.config:
+        env["TSAN_PAGED_CONFIG"] = os.path.abspath(args.config)
+    try:
+        status = subprocess.call(cmd, env=env)
+    except OSError as exc:
+        print(f"tsan-paged run: cannot run {cmd[0]}: {exc}", file=sys.stderr)
+        return 127
+    except KeyboardInterrupt:
+        status = 130
+    if status < 0:  # killed by a signal: the shell's convention
+        status = 128 - status
+    try:
+        text, _ = merge_report_dir(report_dir)
+        print(text, file=sys.stderr)
+    except FileNotFoundError:
+        print(f"tsan-paged run: no process reported anything (reports: {report_dir})", file=sys.stderr)
+    print(f"tsan-paged run: {' '.join(cmd)} exited with status {status}", file=sys.stderr)
+    return status
+
+
 def _show(paths) -> int:
     from . import dump
+    from .report import merge_report_dir
     from .sanitizer import _default_registry
 
     _default_registry()
     status = 0
     for path in paths:
         try:
-            print(dump.explain(path))
+            print(merge_report_dir(path)[0] if os.path.isdir(path) else dump.explain(path))
         except (OSError, ValueError, RuntimeError) as exc:
             print(f"tsan-paged show: {path}: {exc}", file=sys.stderr)
             status = 2

@@ -49,7 +49,7 @@ class Interposer:
         self.patched: dict = {}  # target -> Patched
         self.pending: set = set()  # targets whose module is not imported yet
         self._by_id: dict = {}  # id(original) -> Patched
-        self._watcher: Optional[_ImportWatcher] = None
+        self._watcher: Optional[ImportWatcher] = None
         self.on_call: Callable = None  # (Patched, args, kwargs) -> result
         self.on_resolve_error: Callable = None  # (target, message) -> None
         self.on_patched: Callable = None  # (Patched) -> None, for targets patched on import
@@ -61,8 +61,9 @@ class Interposer:
             new = [t for t in targets if t not in self.patched and t not in self.pending]
             for target in new:
                 self._try_patch(target)
-            if self.patched or self.pending:
+            if any(t in self.patched for t in new):  # modules imported later: the import hook
                 self._sweep_modules(list(sys.modules.values()))
+            if self.patched or self.pending:
                 self._watch_imports()
 
     def restore(self) -> None:
@@ -164,7 +165,7 @@ class Interposer:
     # -- imports ----------------------------------------------------------------------
     def _watch_imports(self) -> None:
         if self._watcher is None:
-            self._watcher = _ImportWatcher(self._module_imported)
+            self._watcher = ImportWatcher(self._module_imported)
             sys.meta_path.insert(0, self._watcher)
 
     def _module_imported(self, module) -> None:
@@ -181,7 +182,7 @@ class Interposer:
             self._sweep_modules([module])
 
 
-class _ImportWatcher(importlib.abc.MetaPathFinder):
+class ImportWatcher(importlib.abc.MetaPathFinder):
     """Finds nothing itself; tells the interposer when a module finished executing."""
 
     def __init__(self, callback):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
+import os
 import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
-
-from loguru import logger
 
 CHECKS = {
     "page-out-of-range": "error",
@@ -120,48 +121,91 @@ class PageTableViolation(RuntimeError):
 
 
 class Reporter:
-    """Process-wide log of findings: first of each (op, check, caller) logged, all counted."""
+    """Process-wide log of findings.
+
+    The first finding of each (op, check, caller) is logged through loguru (every finding
+    when ``dedup`` is off) and, with a report directory, written as a JSON line to
+    ``<dir>/tsan_paged[.rank<R>].<pid>.jsonl`` (a new file per process, never overwritten,
+    at most ``max_lines`` findings). At exit a summary is printed to stderr and a summary
+    record with the counts is appended to the file. A forked child starts afresh.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self.counts: Counter = Counter()
         self.first: dict = {}
+        self.report_dir: Optional[str] = None
+        self.report_path: Optional[Path] = None
+        self.max_lines = 10000
+        self._lines = 0
         self._atexit_registered = False
+        self._finished = None  # pid whose summary was written
 
-    def report(self, violation: Violation) -> None:
+    def open_report_dir(self, directory: str, max_lines: int = 10000) -> None:
+        """Write this process's findings under ``directory`` (first call in a process wins).
+
+        The file is created with the first finding: processes with nothing to say leave none.
+        """
+        with self._lock:
+            self._after_fork()
+            if self.report_dir is None:
+                self.report_dir, self.max_lines = str(directory), max_lines
+
+    def _report_file(self) -> Path:
+        """This process's file under ``report_dir``, created on first use (after a fork too)."""
+        if self.report_path is None:
+            Path(self.report_dir).mkdir(parents=True, exist_ok=True)
+            rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
+            stem = f"tsan_paged.{f'rank{rank}.' if rank else ''}{os.getpid()}"
+            for n in range(1000):
+                path = Path(self.report_dir) / (f"{stem}.jsonl" if n == 0 else f"{stem}.{n}.jsonl")
+                try:
+                    with open(path, "x", encoding="utf-8"):
+                        break
+                except FileExistsError:
+                    continue
+            self.report_path = path
+        return self.report_path
+
+    def report(self, violation: Violation, dedup: bool = True) -> None:
         key = (violation.op, violation.check, violation.caller)
         with self._lock:
+            self._after_fork()
             self.counts[key] += 1
             new = key not in self.first
             if new:
                 self.first[key] = violation
-            if not self._atexit_registered:
-                atexit.register(self.print_summary)
-                self._atexit_registered = True
-        if new:
+            self._register_atexit()
+            tell = new or not dedup
+            if tell and self.report_dir is not None and self._lines < self.max_lines:
+                self._lines += 1
+                self._report_file()
+                self._append({"type": "violation", **self._origin(), **violation.to_dict()})
+        if tell:
+            from loguru import logger  # imported on first report: start-up stays light
+
             level = "ERROR" if violation.severity == "error" else "WARNING"
             logger.bind(tsan_paged=True).log(level, "tsan_paged: " + violation.format(with_stack=True))
 
     def summary(self) -> str:
         with self._lock:
-            items = sorted(self.counts.items(), key=lambda kv: (self.first[kv[0]].severity != "error", -kv[1]))
-        if not items:
-            return ""
-        errors = sum(n for k, n in items if self.first[k].severity == "error")
-        warnings = sum(n for k, n in items if self.first[k].severity != "error")
-        lines = [f"tsan_paged summary: {errors} error(s), {warnings} warning(s) in {len(items)} distinct finding(s)"]
-        for key, n in items[:20]:
-            v = self.first[key]
-            lines.append(f"  {n:>7} x {v.severity:<7} {v.check:<24} {v.op}  at {v.caller or '?'}")
-        if len(items) > 20:
-            lines.append(f"  ... and {len(items) - 20} more")
-        return "\n".join(lines)
+            items = [(self.first[k], n) for k, n in self.counts.items()]
+        return format_summary(items)
 
-    def print_summary(self) -> None:
-        """Print the summary to the process's real stderr (at exit, loguru's sinks may be closed)."""
+    def finish(self) -> None:
+        """At exit (or before an abort): the summary to stderr and to the report file."""
+        with self._lock:
+            if os.getpid() != self._pid or self._finished == self._pid:
+                return
+            self._finished = self._pid
+            if self.report_dir is not None and self.counts:
+                self._report_file()
+                self._append({"type": "summary", **self._origin(),
+                              "counts": [[*key, self.first[key].severity, n] for key, n in self.counts.items()]})
         text = self.summary()
         if text:
-            try:
+            try:  # at exit, loguru's sinks (or pytest's capture) may be closed: use the real stderr
                 sys.__stderr__.write(text + "\n")
                 sys.__stderr__.flush()
             except (AttributeError, OSError, ValueError):
@@ -172,7 +216,97 @@ class Reporter:
             self.counts.clear()
             self.first.clear()
 
+    def _append(self, record: dict) -> None:
+        try:
+            with open(self.report_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+        except OSError:
+            pass  # a full disk must not stop the program; the log still has the finding
+
+    def _origin(self) -> dict:
+        return {"pid": os.getpid(), "rank": os.environ.get("RANK") or os.environ.get("LOCAL_RANK")}
+
+    def _after_fork(self) -> None:
+        if os.getpid() != self._pid:  # a forked child: its own counts and (on first use) its own file
+            self._pid = os.getpid()
+            self.counts.clear()
+            self.first.clear()
+            self.report_path, self._lines = None, 0
+            self._atexit_registered = False
+
+    def _register_atexit(self) -> None:
+        if not self._atexit_registered:
+            atexit.register(self.finish)
+            if "multiprocessing" in sys.modules:
+                # fork/forkserver children end in os._exit after multiprocessing's finalizers,
+                # and clear them when they start: re-register in every child.
+                import multiprocessing.util as mp_util
+
+                mp_util.Finalize(None, self.finish, exitpriority=-100)
+                mp_util.register_after_fork(self, _finalize_in_child)
+            self._atexit_registered = True
+
+
+def _finalize_in_child(reporter: Reporter) -> None:
+    import multiprocessing.util as mp_util
+
+    mp_util.Finalize(None, reporter.finish, exitpriority=-100)
+
+
+def format_summary(items, title: str = "tsan_paged summary") -> str:
+    """One screen: ``items`` is ``[(first Violation, count)]``."""
+    if not items:
+        return ""
+    items = sorted(items, key=lambda item: (item[0].severity != "error", -item[1]))
+    errors = sum(n for v, n in items if v.severity == "error")
+    warnings = sum(n for v, n in items if v.severity != "error")
+    lines = [f"{title}: {errors} error(s), {warnings} warning(s) in {len(items)} distinct finding(s)"]
+    for v, n in items[:20]:
+        lines.append(f"  {n:>7} x {v.severity:<7} {v.check:<24} {v.op}  at {v.caller or '?'}")
+    if len(items) > 20:
+        lines.append(f"  ... and {len(items) - 20} more")
+    return "\n".join(lines)
+
+
+def merge_report_dir(directory) -> tuple:
+    """Merge every process's JSON lines under ``directory``: ``(text, error count)``."""
+    files = sorted(Path(directory).glob("tsan_paged.*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no tsan_paged.*.jsonl report files")
+    merged: dict = {}  # key -> [first Violation, count, processes]
+    processes = []
+    for path in files:
+        firsts, counts = {}, None
+        origin = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed process
+            origin = {"pid": record.get("pid"), "rank": record.get("rank")}
+            if record.get("type") == "violation":
+                data = {k: v for k, v in record.items() if k not in ("type", "pid", "rank")}
+                v = Violation.from_dict(data)
+                firsts.setdefault((v.op, v.check, v.caller), v)
+            elif record.get("type") == "summary":
+                counts = {tuple(c[:3]): c[4] for c in record["counts"]}
+        if counts is None:  # no summary: the process died first; count what it wrote
+            counts = {key: 1 for key in firsts}
+        for key, n in counts.items():
+            if key in firsts or key in merged:
+                entry = merged.setdefault(key, [firsts.get(key), 0, 0])
+                entry[0] = entry[0] or firsts.get(key)
+                entry[1] += n
+                entry[2] += 1
+        errors = sum(n for key, n in counts.items() if key in firsts and firsts[key].severity == "error")
+        processes.append(f"  {path.name}: pid {origin.get('pid')}, rank {origin.get('rank') or '-'}, "
+                         f"{sum(counts.values())} finding(s), {errors} error(s)")
+    items = [(v, n) for v, n, _ in merged.values() if v is not None]
+    text = "\n".join([f"{len(files)} process report(s) in {directory}:"] + processes + [""]
+                     + [format_summary(items, "merged")] + [""]
+                     + [v.format(with_stack=True) for v, _ in sorted(items, key=lambda i: i[0].severity != "error")])
+    return text, sum(n for v, n in items if v.severity == "error")
+
 
 reporter = Reporter()
 """The process's reporter; every sanitizer in the process reports through it."""
-

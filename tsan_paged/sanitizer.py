@@ -68,18 +68,21 @@ class PagedSanitizer(contextlib.ContextDecorator):
 
     def __init__(self, mode: Optional[str] = None, config=None, dump_dir: Optional[str] = None, *,
                  registry: Optional[Registry] = None, dump_on_log: Optional[bool] = None,
-                 max_dumps: Optional[int] = None, exit_code: Optional[int] = None):
+                 max_dumps: Optional[int] = None, exit_code: Optional[int] = None,
+                 device_action: Optional[str] = None):
         self.config = config_mod.load(config)
         overrides = {"mode": config_mod.check_mode(mode), "dump_dir": dump_dir, "dump_on_log": dump_on_log,
-                     "max_dumps": max_dumps, "exit_code": exit_code}
+                     "max_dumps": max_dumps, "exit_code": exit_code, "device_action": device_action}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if overrides:
-            self.config = config_mod.from_dict({**_explicit(self.config), **overrides}, source=self.config.source)
+            self.config = config_mod.from_dict({**self.config.to_dict(), **overrides}, source=self.config.source)
         self.mode = self.config.mode
         self.registry = registry if registry is not None else _default_registry()
         self.options = CheckOptions(disabled=self.config.disabled_checks())
         self.reports: list = []
         self.dropped = 0
+        self.suppressed = 0
+        self._deferred_errors: list = []  # device findings read after their call (raise mode raises them)
         self.dumps: list = []
         self._depth = 0
         self._rules: dict = {}  # target -> rules that bind, fixed at entry
@@ -93,6 +96,8 @@ class PagedSanitizer(contextlib.ContextDecorator):
             if self._depth > 1:
                 return self
             self._rules = {target: list(rules) for target, rules in self.registry.rules.items() if rules}
+            if self.config.report_dir:
+                reporter.open_report_dir(self.config.report_dir, self.config.max_reports)
             _active.append(self)
             try:
                 interposer.install([t for t in self._rules if not is_dispatcher_target(t)])
@@ -115,6 +120,8 @@ class PagedSanitizer(contextlib.ContextDecorator):
             self._depth -= 1
             if self._depth == 0:
                 self._leave()
+        if self._depth == 0 and exc_info[0] is None:
+            self._raise_deferred()
         return False
 
     def _leave(self) -> None:
@@ -125,12 +132,48 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 catcher.__exit__(None, None, None)
             except Exception as exc:  # entered on another thread: its mode stack is not ours
                 logger.warning(f"tsan_paged: could not pop the dispatch mode on this thread: {exc}")
+        device = sys.modules.get("tsan_paged.device")
+        if device is not None:  # CUDA tables were checked on the device: read their records now
+            try:
+                device.on_leave(self)
+            except Exception as exc:
+                logger.warning(f"tsan_paged: could not read device check records: {exc}")
         if self in _active:
             _active.remove(self)
         if _active:
             interposer.install([t for s in _active for t in s._rules if not is_dispatcher_target(t)])
         else:
             interposer.restore()
+
+    def flush(self) -> None:
+        """Read the device check records now (a sync) and report what is new; in ``raise``
+        mode, raise the deferred errors (CUDA graph replays) as :class:`PageTableViolation`."""
+        device = sys.modules.get("tsan_paged.device")
+        if device is not None:
+            device.flush(self)
+        self._raise_deferred()
+
+    def _record_deferred(self, violations) -> None:
+        """Findings of device checks read after their call (:mod:`tsan_paged.device`)."""
+        severity = self.config.severity
+        kept = []
+        for v in violations:
+            level = severity(v.check)
+            if level != "off" and not (self.config.suppress and self.config.suppressed(v)):
+                kept.append(v if v.severity == level else v.replace(severity=level))
+        self._record(kept)
+        errors = [v for v in kept if v.severity == "error"]
+        if errors and self.mode == "abort":
+            _abort(errors, None, self.config.exit_code)
+        if errors and self.mode == "raise":
+            with self._lock:
+                self._deferred_errors.extend(errors)
+
+    def _raise_deferred(self) -> None:
+        with self._lock:
+            errors, self._deferred_errors = self._deferred_errors, []
+        if errors:
+            raise PageTableViolation(errors)
 
     @property
     def active(self) -> bool:
@@ -203,6 +246,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
             return
         caller, stack = _find_caller(library_dirs)
         violations = [v.replace(op=target, caller=caller, stack=stack) for v in violations]
+        if self.config.suppress:
+            kept = [v for v in violations if not self.config.suppressed(v)]
+            self.suppressed += len(violations) - len(kept)
+            violations = kept
         self._record(violations)
         errors = [v for v in violations if v.severity == "error"]
         if not errors:
@@ -244,7 +291,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
 
     def _record(self, violations) -> None:
         for v in violations:
-            reporter.report(v)
+            reporter.report(v, dedup=self.config.dedup)
             with self._lock:
                 if len(self.reports) < self.config.max_reports:
                     self.reports.append(v)
@@ -297,7 +344,7 @@ def _abort(errors, dump_path, exit_code: int) -> None:
     logger.bind(tsan_paged=True).critical(
         f"tsan_paged: aborting (mode=abort, exit status {exit_code}) on {errors[0].check} in {errors[0].op}"
         + (f"; dump {dump_path}" if dump_path else ""))
-    reporter.print_summary()
+    reporter.finish()
     try:
         logger.complete()
     finally:
@@ -335,13 +382,6 @@ def _torch_dir() -> str:
     import torch
 
     return os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def _explicit(config) -> dict:
-    """The keys of ``config`` as a dict ``config.from_dict`` accepts."""
-    return {"mode": config.mode, "exit_code": config.exit_code, "dump_dir": config.dump_dir,
-            "max_dumps": config.max_dumps, "dump_on_log": config.dump_on_log,
-            "max_reports": config.max_reports, "checks": dict(config.checks)}
 
 
 def _default_registry() -> Registry:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
+from .. import device as device_mod
 from ..registry import rule
 from ..report import Violation
 
@@ -140,6 +141,12 @@ def trtllm_batch_decode_with_kv_cache(call):
                                f"block_tables implies {batch_shape}", value=tuple(lengths.shape), bound=batch_shape))
         return found
 
+    interpret = getattr(call.options, "device_interpret", False)  # tests: the device kernel on CPU tensors
+    if (device_mod.enabled(table, lengths) or (interpret and device_mod.interpretable(table, lengths))) \
+            and not call.wants("duplicate-page"):
+        return found + _device_checks(call, table, lengths, k, v, k_name, v_name, page_size, batch, width,
+                                      max_seq_len, window_left, backend, max_q_len or q_len, shared, sparse)
+
     if sparse:
         lengths = lengths.reshape(-1)
 
@@ -184,3 +191,27 @@ def trtllm_batch_decode_with_kv_cache(call):
         for view, name_of, _, _ in views[:: 1 if not shared else len(views)]:
             found += checks.check_duplicate_pages(view, "block_tables", region, name_of)
     return found
+
+
+def _device_checks(call, table, lengths, k, v, k_name, v_name, page_size, batch, width, max_seq_len, window_left,
+                   backend, q_len, shared, sparse):
+    """A CUDA table: the length and page-range checks as one device kernel (:mod:`tsan_paged.device`)."""
+    capability = call.options.cuda_capability or (device_mod.capability(table.device) if table.is_cuda else None)
+    backend = resolve_backend(backend, table.device, capability)
+    if backend == "xqa":
+        region = device_mod.REGION_XQA
+    else:
+        region = device_mod.REGION_END if sparse else device_mod.REGION_ROW
+    pk, pv = int(k.shape[0]), int(v.shape[0])
+    if shared or sparse:
+        views = (("kv_cache", pk, None),) if pk == pv else ((k_name, pk, None), (v_name, pv, None))
+    else:
+        views = ((k_name, pk, 0), (v_name, pv, 1))
+    rows = table.shape[0] * table.shape[1] if sparse else table.shape[0]
+    lengths = lengths.reshape(-1)  # a view: [H, B] block-sparse lengths are packed
+    plan = device_mod.plan_for(rows, width, views, page_size, max_seq_len, region,
+                           window_left, q_len, lengths.dtype == torch.uint32, kv_split=not (shared or sparse),
+                           sparse_batch=batch if sparse else None, guard_value=-1 if backend == "xqa" else 0)
+    if plan.rows == 0 or width == 0:
+        return []
+    return device_mod.check(call.target, plan, table, lengths)

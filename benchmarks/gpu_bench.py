@@ -1,0 +1,206 @@
+"""GPU benchmarks: what checking costs a FlashInfer decode step (xqa, sm90), per call.
+
+    python benchmarks/gpu_bench.py [--out DIR]     # on the lent H100: benchmarks/gpu_run.sh
+
+For batch 64 and 256 and contexts 4k and 32k (page 64, bf16, 8 KV heads, GQA 4, head_dim 128):
+
+- decode: the kernel alone, GPU time per replay of a CUDA graph of it (events);
+- seed check: ``table.max().item()`` + ``table.min().item()`` before each eager decode;
+- sync path: ``PagedSanitizer(mode="raise")`` (one device check + one sync per call);
+- sync-free eager: ``PagedSanitizer(mode="log")`` (deferred, guard);
+- graph: the decode step captured under the sanitizer, time per replay;
+- host: host time a call spends in the sanitizer (bind + rule + launch), and the check
+  kernel's own GPU time.
+Eager figures are "added to a step" in a loop of decode calls: (loop time with - without) / n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
+
+import torch  # noqa: E402
+
+from gpu_batches import KERNEL, decode, make_batch, make_kv  # noqa: E402
+from tsan_paged import PagedSanitizer, device  # noqa: E402
+from tsan_paged.interpose import interposer  # noqa: E402
+
+
+def gpu_loop_us(fn, n=50, repeats=7):
+    """Median over repeats of (events around n calls) / n, in us."""
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / n)
+    return statistics.median(samples)
+
+
+def wall_loop_us(fn, n=50, repeats=7):
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e6 / n)
+    return statistics.median(samples)
+
+
+def host_us(fn, n=100, repeats=9):
+    """Host time per call, the GPU never the bottleneck (sync between batches, not timed)."""
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - t0) * 1e6 / n)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def graph_of(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def bench(batch, ctx, kv):
+    b = make_batch(batch, ctx, kv, seed=batch + ctx, min_frac=0.9)
+    out = decode(**b)
+    table = b["block_tables"]
+    row = {"batch": batch, "ctx": ctx, "table": list(table.shape)}
+
+    def bare():
+        decode(**b, out=out)
+
+    def seed_check():
+        assert table.max().item() < kv[0].shape[0] and table.min().item() >= 0
+        decode(**b, out=out)
+
+    bare()
+    g_bare = graph_of(bare)
+    row["decode_graph_us"] = gpu_loop_us(g_bare.replay, n=20)
+    row["decode_eager_us"] = wall_loop_us(bare, n=20)
+    row["seed_eager_us"] = wall_loop_us(seed_check, n=20)
+    row["host_bare_call_us"] = host_us(bare, n=20)
+
+    with PagedSanitizer(mode="raise"):
+        bare()
+        row["sync_eager_us"] = wall_loop_us(bare, n=20)
+    with PagedSanitizer(mode="log") as san:
+        bare()
+        torch.cuda.synchronize()
+        row["free_eager_us"] = wall_loop_us(bare, n=20)
+        row["host_sanitized_call_us"] = host_us(bare, n=20)
+        patched = interposer.patched[KERNEL]
+        rules = san._rules[KERNEL]
+        args = patched.binder.bind((), dict(b, out=out))
+        row["host_check_only_us"] = host_us(lambda: san._check_and_act(KERNEL, rules, args, patched.library_dirs),
+                                            n=200)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(10):
+                bare()
+            g_san = graph_of(bare)
+            for _ in range(10):
+                g_san.replay()
+            row["host_syncs"] = 0
+        except RuntimeError as exc:
+            row["host_syncs"] = f"sync: {str(exc).splitlines()[0]}"
+            g_san = graph_of(bare) if "g_san" not in locals() else g_san
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        row["graph_san_us"] = gpu_loop_us(g_san.replay, n=20)
+        row["graph_bare_us_again"] = gpu_loop_us(g_bare.replay, n=20)
+        # the check kernel alone, in a graph (its GPU time per step)
+        plan = next(e.plan for ring in device._rings.values() for e in ring.entries.values() if e.plan.rows == batch)
+        ring = next(iter(device._rings.values()))
+        g_chk = graph_of(lambda: device.launch(ring, plan, table, b["seq_lens"], 1, 1, 2, 0x7F))
+        row["check_kernel_graph_us"] = gpu_loop_us(g_chk.replay, n=200)
+        g_chk_slow = graph_of(lambda: device.run_check(plan, table, b["seq_lens"], ring.words[2], sticky=1,
+                                                       action="guard", errs=0x7F, interpret=False))
+        row["check_kernel_graph_us_runcheck"] = gpu_loop_us(g_chk_slow.replay, n=200)
+        g_chk_nt = graph_of(lambda: device.run_check(plan, table, b["seq_lens"], ring.words[3], sticky=1,
+                                                     action="guard", errs=0x7F, interpret=False, trap_enabled=False))
+        row["check_kernel_graph_us_notrap"] = gpu_loop_us(g_chk_nt.replay, n=200)
+        g_empty = graph_of(lambda: b["seq_lens"].add_(0))
+        row["tiny_kernel_graph_us"] = gpu_loop_us(g_empty.replay, n=200)
+        if os.environ.get("PROFILE_HOST") and batch == 64 and ctx == 4096:
+            import cProfile
+            import io
+            import pstats
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(300):
+                san._check_and_act(KERNEL, rules, args, patched.library_dirs)
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
+            print(text.getvalue()[-4000:], flush=True)
+        row["host_replay_us_san"] = host_us(g_san.replay, n=20)
+        san.flush()
+        row["reports"] = len(san.reports)
+    row["host_replay_us_bare"] = host_us(g_bare.replay, n=20)
+    row["fast_launch"] = bool(next(iter(device._rings.values())).launchers)
+    for key in ("seed", "sync", "free"):
+        row[f"{key}_added_us"] = row[f"{key}_eager_us"] - row["decode_eager_us"]
+    row["graph_added_us"] = row["graph_san_us"] - (row["decode_graph_us"] + row["graph_bare_us_again"]) / 2
+    row["graph_added_pct"] = 100 * row["graph_added_us"] / row["decode_graph_us"]
+    row["host_added_us"] = row["host_sanitized_call_us"] - row["host_bare_call_us"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--configs", default="64x4096,64x32768,256x4096,256x32768")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    kv = make_kv(32768, seed=7)  # 8 GiB of KV: tables index it at random
+    rows = []
+    for spec in args.configs.split(","):
+        batch, ctx = map(int, spec.split("x"))
+        row = bench(batch, ctx, kv)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    name = torch.cuda.get_device_name()
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"\n{name}, torch {torch.__version__}; us per decode step (medians)")
+    print("| batch x ctx | decode (graph) | seed check added | sync path added | sync-free eager added | "
+          "graph added (% of step) | check kernel GPU | host added per eager call (check only) | syncs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} x {r['ctx']} | {r['decode_graph_us']:.1f} | {r['seed_added_us']:+.1f} | "
+              f"{r['sync_added_us']:+.1f} | {r['free_added_us']:+.1f} | {r['graph_added_us']:+.2f} "
+              f"({r['graph_added_pct']:.2f}%) | {r['check_kernel_graph_us']:.2f} | {r['host_added_us']:.1f} "
+              f"({r['host_check_only_us']:.1f}) | {r['host_syncs']} |")
+    print("check kernel alone in a graph, us: fast launch / run_check / without trap code / a 1-elem torch op")
+    for r in rows:
+        print(r["batch"], r["ctx"], round(r["check_kernel_graph_us"], 2), round(r["check_kernel_graph_us_runcheck"], 2),
+              round(r["check_kernel_graph_us_notrap"], 2), round(r["tiny_kernel_graph_us"], 2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""A whole process tree: TSAN_PAGED, `tsan-paged run`, per-process reports, abort, configs.
+
+Every program here is unmodified: it never imports tsan_paged. The sanitizer starts from
+the installed ``tsan_paged_autostart.pth`` because ``TSAN_PAGED`` is in the environment.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+WORKER_PROGRAM = textwrap.dedent("""
+    import multiprocessing as mp
+    import os
+    import sys
+
+    import flashinfer.decode
+    from batches import make_batch
+
+    def serve(bad):
+        # A worker loop that swallows every exception, like a serving engine's.
+        batch = make_batch(lengths=[20, 40], num_pages=30)
+        if bad:
+            batch["block_tables"][1, 2] = 31
+        for _ in range(3):
+            try:
+                flashinfer.decode.trtllm_batch_decode_with_kv_cache(**batch)
+            except Exception as exc:
+                print(f"worker {os.getpid()} swallowed {type(exc).__name__}", flush=True)
+        print(f"worker {os.getpid()} finished", flush=True)
+
+    if __name__ == "__main__":
+        ctx = mp.get_context(sys.argv[1] if len(sys.argv) > 1 else "spawn")
+        workers = [ctx.Process(target=serve, args=(bad,)) for bad in (True, False)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        print("exitcodes", [w.exitcode for w in workers], flush=True)
+""")
+
+
+@pytest.fixture
+def program(tmp_path):
+    path = tmp_path / "server.py"
+    path.write_text(WORKER_PROGRAM)
+    return path
+
+
+def env(**extra):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TSAN_PAGED")}
+    base.update(FLASHINFER_NO_DOWNLOAD="1", PYTHONPATH=os.pathsep.join([str(TESTS), base.get("PYTHONPATH", "")]))
+    base.update(extra)
+    return base
+
+
+def run(cmd, **extra):
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(**extra), timeout=300)
+
+
+def records(report_dir):
+    out = {}
+    for path in Path(report_dir).glob("tsan_paged.*.jsonl"):
+        out[path.name] = [json.loads(line) for line in path.read_text().splitlines()]
+    return out
+
+
+def test_unset_means_off(program):
+    result = run([sys.executable, str(program)])
+    assert result.returncode == 0, result.stderr
+    assert "tsan_paged" not in result.stderr
+    assert result.stdout.count("swallowed ValueError") == 6  # FlashInfer's own CPU refusal, both workers
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_raise_in_spawned_workers(program, tmp_path, start_method):
+    result = run([sys.executable, str(program), start_method], TSAN_PAGED="raise", TSAN_PAGED_REPORT_DIR=str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("swallowed PageTableViolation") == 3  # the bad worker
+    assert result.stdout.count("swallowed ValueError") == 3  # the good worker reached FlashInfer
+    files = records(tmp_path / "r")
+    bad = [recs for recs in files.values() if any(r["type"] == "violation" for r in recs)]
+    assert len(bad) == 1
+    [violation] = [r for r in bad[0] if r["type"] == "violation"]  # deduplicated
+    assert (violation["check"], violation["index"], violation["value"]) == ("page-out-of-range", [1, 2], 31)
+    [summary] = [r for r in bad[0] if r["type"] == "summary"]
+    assert summary["counts"][0][-1] == 3  # counted three times
+
+
+def test_abort_ends_a_worker_that_swallows_exceptions(program, tmp_path):
+    result = run([sys.executable, str(program)], TSAN_PAGED="abort", TSAN_PAGED_REPORT_DIR=str(tmp_path / "r"))
+    assert "exitcodes [86, 0]" in result.stdout, result.stdout + result.stderr
+    assert "swallowed PageTableViolation" not in result.stdout
+    assert result.stdout.count("finished") == 1  # only the good worker
+    assert "aborting (mode=abort, exit status 86)" in result.stderr
+    [bad] = [recs for recs in records(tmp_path / "r").values() if any(r["type"] == "violation" for r in recs)]
+    assert [r["type"] for r in bad] == ["violation", "summary"]  # flushed before the process ended
+
+
+def test_tsan_paged_run_merges_the_tree_and_keeps_the_status(program, tmp_path):
+    report_dir = tmp_path / "reports"
+    result = run([sys.executable, "-m", "tsan_paged.cli", "run", "--mode", "log", "--report-dir", str(report_dir),
+                  "--", sys.executable, str(program)])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("swallowed ValueError") == 6  # log mode: every call reached FlashInfer
+    assert "merged: 3 error(s), 0 warning(s) in 1 distinct finding(s)" in result.stderr
+    assert "block_tables[1, 2] = 31" in result.stderr
+    shown = run([sys.executable, "-m", "tsan_paged.cli", "show", str(report_dir)])
+    assert shown.returncode == 0 and "merged: 3 error(s)" in shown.stdout
+
+    aborted = run([sys.executable, "-m", "tsan_paged.cli", "run", "--mode", "abort", "--report-dir",
+                   str(tmp_path / "a"), "--", sys.executable, "-c",
+                   "import runpy, sys; sys.argv = ['server.py']; runpy.run_path(sys.argv[0] if False else "
+                   f"{str(program)!r}, run_name='__main__')"])
+    assert "exitcodes [86, 0]" in aborted.stdout
+    failing = run([sys.executable, "-m", "tsan_paged.cli", "run", "--", sys.executable, "-c", "raise SystemExit(7)"])
+    assert failing.returncode == 7
+
+
+def test_rank_in_the_report_file_name(tmp_path):
+    code = "from batches import make_batch, call_kernel\nb = make_batch(num_pages=30, lengths=[20, 40])\n" \
+           "b['block_tables'][0, 0] = -1\ncall_kernel(b)\n"
+    result = run([sys.executable, "-c", code], TSAN_PAGED="log", TSAN_PAGED_REPORT_DIR=str(tmp_path), RANK="3")
+    assert result.returncode == 0, result.stderr
+    [name] = records(tmp_path)
+    assert name.startswith("tsan_paged.rank3.") and name.endswith(".jsonl")
+
+
+def test_subprocess_children_inherit(tmp_path):
+    child = "from batches import make_batch, call_kernel\nb = make_batch(num_pages=30, lengths=[20, 40])\n" \
+            "b['block_tables'][0, 0] = 99\ncall_kernel(b)\n"
+    parent = f"import subprocess, sys\nsys.exit(subprocess.call([sys.executable, '-c', {child!r}]))\n"
+    result = run([sys.executable, "-c", parent], TSAN_PAGED="raise")
+    assert result.returncode != 0 and "PageTableViolation" in result.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    ('mode = "log"\nbogus = 1\n', "unknown key 'bogus'"),
+    ('[checks]\n"page-oob" = "off"\n', "unknown check id 'page-oob'"),
+    ('max_dumps = "many"\n', "'max_dumps' must be a int"),
+    ('[[suppress]]\nwhere = "x"\n', "suppress entry 1: unknown key 'where'"),
+])
+def test_bad_config_stops_the_process_at_start(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    result = run([sys.executable, "-c", "print('ran')"], TSAN_PAGED="1", TSAN_PAGED_CONFIG=str(path))
+    assert result.returncode == 2 and "ran" not in result.stdout
+    assert f"TSAN_PAGED_CONFIG: {path}" in result.stderr and message in result.stderr
+    bad_mode = run([sys.executable, "-c", "print('ran')"], TSAN_PAGED="loud")
+    assert bad_mode.returncode == 2 and "TSAN_PAGED='loud'" in bad_mode.stderr
+
+
+def test_suppressions(tmp_path):
+    from batches import call_kernel, make_batch
+    from tsan_paged import PagedSanitizer
+
+    config = {"suppress": [{"check": "page-out-of-range", "caller": "*batches.py:*"}]}
+    batch = make_batch(num_pages=30, lengths=[20, 40])
+    batch["block_tables"][1, 2] = 31
+    with PagedSanitizer(mode="raise", config=config) as san:
+        assert call_kernel(batch)  # suppressed: no raise, the kernel is called
+    assert san.reports == [] and san.suppressed == 1
+    with PagedSanitizer(mode="raise", config={"suppress": [{"check": "dead-*"}]}), pytest.raises(Exception) as info:
+        call_kernel(batch)
+    assert type(info.value).__name__ == "PageTableViolation"
