@@ -5,10 +5,11 @@
 1. Per checked call of trtllm_batch_decode_with_kv_cache: what the wrapper adds before the
    kernel (argument binding + the built-in rule), for valid SGLang-style tables, next to one
    ``torch.max`` pass over the same table. Target: <= 2 x max + 20 us.
-2. Unchecked aten ops: a loop of small tensor ops, bare, inside ``with PagedSanitizer()``
-   (no dispatcher rule: no dispatch mode), with a dispatcher-op rule active (a
-   TorchDispatchMode is installed), and under a no-op TorchDispatchMode for scale.
-   Target: <= 1.25x bare.
+2. Checked dispatcher-op calls: binding by schema + the rule, for vLLM's paged_attention_v1
+   (a declarative rule) and a Python rule on a test op.
+3. Unchecked aten ops: a loop of small tensor ops, bare, inside ``with PagedSanitizer()``
+   (built-in rules), with a dispatcher-op rule active (its kernel registered for that op
+   alone), and under a no-op TorchDispatchMode for scale. Target: <= 1.25x bare.
 """
 
 from __future__ import annotations
@@ -70,6 +71,29 @@ def bench_checked_calls():
     return rows
 
 
+def bench_dispatcher_rules():
+    """Bind + check of the vLLM paged_attention_v1 rule (declarative) and the test op's Python rule."""
+    import vllm_ops  # noqa: F401
+    from paged_ops import registry as op_registry
+    from test_vllm import attention_inputs
+    from tsan_paged.dispatch import bind_schema
+
+    rows = []
+    a = attention_inputs(num_seqs=64, max_seq_len=4096)
+    cases = [("_C::paged_attention_v1 (TOML-style rule), 64 x 256", "_C::paged_attention_v1",
+              torch.ops._C.paged_attention_v1.default, tuple(a.values()), None)]
+    table = torch.randint(0, 10, (64, 256), dtype=torch.int32)
+    cases.append(("tsan_test::paged_gather (Python rule), 64 x 256", "tsan_test::paged_gather",
+                  torch.ops.tsan_test.paged_gather.default,
+                  (torch.randn(10, 4, 3), table, torch.full((64,), 1024), 4), op_registry))
+    for name, target, op, args, registry in cases:
+        with PagedSanitizer(mode="raise", registry=registry) as san:
+            rules = san._rules[target]
+            rows.append((name, median_us(lambda: san._check_and_act(target, rules, bind_schema(op, args, {}), ()), 200)))
+            assert not san.reports, san.reports
+    return rows
+
+
 class NoOpMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
@@ -114,6 +138,9 @@ def main():
     print(f"{'table':>10} {'check us':>10} {'torch.max us':>13} {'target us':>10} {'met':>5}")
     for name, check, reduction, target in bench_checked_calls():
         print(f"{name:>10} {check:>10.1f} {reduction:>13.1f} {target:>10.1f} {'yes' if check <= target else 'NO':>5}")
+    print("\nChecked dispatcher-op call (bind by schema + rule), valid inputs")
+    for name, us in bench_dispatcher_rules():
+        print(f"{name:<52} {us:>7.1f} us")
     print("\nUnchecked aten ops (add/mul/sum on 16 floats)")
     print(f"{'setting':<42} {'us/op':>7} {'ratio':>6}")
     for name, us, ratio in bench_unchecked_aten():

@@ -134,7 +134,7 @@ def bench(batch, ctx, kv):
         row["graph_san_us"] = gpu_loop_us(g_san.replay, n=20)
         row["graph_bare_us_again"] = gpu_loop_us(g_bare.replay, n=20)
         # the check kernel alone, in a graph (its GPU time per step)
-        plan = next(e.plan for ring in device._rings.values() for e in ring.entries.values() if e.plan.rows == batch)
+        plan = next(e.plan for ring in device._rings.values() for e in ring.entries.values() if e.plan.rows == batch and e.plan.width == table.shape[1])
         ring = next(iter(device._rings.values()))
         g_chk = graph_of(lambda: device.launch(ring, plan, table, b["seq_lens"], 1, 1, 2, 0x7F))
         row["check_kernel_graph_us"] = gpu_loop_us(g_chk.replay, n=200)

@@ -7,14 +7,12 @@ and messages. Guard rewriting and the sticky ring records are checked entry by e
 """
 
 import inspect
-import os
 
 import pytest
 import torch
 
 from batches import make_batch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton", reason="Triton is not installed: the device kernel cannot be built or "
                                               "interpreted here")
 
@@ -25,6 +23,16 @@ from tsan_paged.registry import Call, CheckOptions  # noqa: E402
 from tsan_paged.rules import flashinfer as fi_rules  # noqa: E402
 
 SIG = inspect.signature(flashinfer.decode.trtllm_batch_decode_with_kv_cache)
+@pytest.fixture(autouse=True)
+def triton_interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for each test, restored after it (never process-wide: SGLang's own Triton
+    kernels, imported by other tests, would turn into interpreted ones). The kernel is built as an
+    InterpretedFunction explicitly, so it runs whether triton was imported before this or not;
+    it uses tl.reduce with Triton's standard combine functions rather than tl.sum / tl.max,
+    which the interpreter can only call when TRITON_INTERPRET=1 was set before triton's import."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 FIELDS = ("check", "arg", "index", "value", "bound", "count", "message", "severity")
 
 

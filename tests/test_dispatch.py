@@ -60,14 +60,83 @@ def test_dead_entry_is_a_warning():
     assert [(v.check, v.index) for v in san.reports] == [("dead-page-out-of-range", (1, 2))]
 
 
-def test_no_dispatch_mode_without_a_dispatcher_rule():
+def test_no_dispatch_mode_and_no_aten_tax():
+    """The op is caught by a kernel registered for it alone: no TorchDispatchMode at all."""
     before = dispatch_stack_depth()
-    with PagedSanitizer():  # built-in rules only: Python entry points
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "BackendSelect")
+    with PagedSanitizer(registry=op_registry) as san:
         assert dispatch_stack_depth() == before
-    with PagedSanitizer(registry=op_registry):
-        assert dispatch_stack_depth() == before + 1
-        assert torch.add(torch.ones(2), 1).tolist() == [2.0, 2.0]  # aten ops pass through
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(OP, "BackendSelect")
+        assert torch.add(torch.ones(2), 1).tolist() == [2.0, 2.0]  # aten ops untouched
+        torch.ops.tsan_test.paged_gather(*inputs(bad=(1, 2)))
+    assert [v.check for v in san.reports] == ["dead-page-out-of-range"]
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(OP, "BackendSelect")  # restored
+    args = inputs()
+    assert torch.equal(torch.ops.tsan_test.paged_gather(*args), paged_gather_cpu(*args))
+
+
+def test_calls_from_other_threads_are_caught():
+    import threading
+
+    caught = []
+
+    def worker():
+        try:
+            torch.ops.tsan_test.paged_gather(*inputs(bad=(0, 0)))
+        except PageTableViolation as exc:
+            caught.append(exc.violations[0].index)
+
+    with PagedSanitizer(mode="raise", registry=op_registry):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    assert caught == [(0, 0)]
+
+
+def test_op_registered_after_the_sanitizer_started(tmp_path, monkeypatch):
+    reg = Registry()
+
+    @rule("tsan_late::gather", reads=("table",), registry=reg)
+    def late_rule(call):
+        from tsan_paged import checks
+        return checks.check_pages_in_range(call["table"], "table", call["pages"].shape[0], "pages", lambda: (None, None))
+
+    (tmp_path / "late_ops.py").write_text(
+        "import torch\n"
+        "lib = torch.library.Library('tsan_late', 'DEF')\n"
+        "lib.define('gather(Tensor pages, Tensor table) -> Tensor')\n"
+        "lib.impl('gather', lambda pages, table: pages[table.long()], 'CPU')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with PagedSanitizer(mode="raise", registry=reg) as san:
+        assert san.reports == []  # its library is not loaded: pending, like an unimported module
+        import late_ops  # noqa: F401  (registers the op; the import hook registers the check)
+
+        with pytest.raises(PageTableViolation) as info:
+            torch.ops.tsan_late.gather(torch.randn(4, 2), torch.tensor([[0, 4]]))
+    assert info.value.violations[0].index == (0, 1)
+
+
+def test_ops_with_their_own_backend_select_kernel_use_the_mode():
+    lib = torch.library.Library("tsan_bs", "DEF")
+    lib.define("make(Tensor table, int pages) -> Tensor")
+    lib.impl("make", lambda table, pages: table.clone(), "CPU")
+    below = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.BackendSelect)
+    lib.impl("make", lambda ks, table, pages: torch.ops.tsan_bs.make.default.redispatch(ks & below, table, pages),
+             "BackendSelect", with_keyset=True)
+    reg = Registry()
+
+    @rule("tsan_bs::make", registry=reg)
+    def make_rule(call):
+        from tsan_paged import checks
+        return checks.check_pages_in_range(call["table"], "table", call["pages"], "pages", lambda: (None, None))
+
+    before = dispatch_stack_depth()
+    with PagedSanitizer(mode="raise", registry=reg):
+        assert dispatch_stack_depth() == before + 1  # the fallback TorchDispatchMode
+        with pytest.raises(PageTableViolation):
+            torch.ops.tsan_bs.make(torch.tensor([[1, 5]]), 5)
     assert dispatch_stack_depth() == before
+    lib._destroy()
 
 
 def test_unregistered_op_and_schema_drift_are_reported():

@@ -22,9 +22,13 @@ def test_readme_python_blocks_run(code, tmp_path):
 
 
 def test_readme_toml_block_and_shipped_configs_load(tmp_path):
-    toml = re.search(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
-    (tmp_path / "c.toml").write_text(toml)
-    assert PagedSanitizer(config=tmp_path / "c.toml").config.severity("duplicate-page") == "warning"
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 2  # the [[rule]] guide and the configuration reference
+    for i, block in enumerate(blocks):
+        (tmp_path / f"c{i}.toml").write_text(block)
+        san = PagedSanitizer(config=tmp_path / f"c{i}.toml")
+        assert san.registry.for_target("mylib::paged_decode")[0].source == str(tmp_path / f"c{i}.toml")
+    assert PagedSanitizer(config=tmp_path / "c1.toml").config.severity("duplicate-page") == "warning"
     assert PagedSanitizer(config=ROOT / "configs" / "default.toml").config.severity("duplicate-page") == "off"
     strict = PagedSanitizer(config=ROOT / "configs" / "strict.toml")
     assert strict.mode == "raise" and strict.config.severity("dead-page-out-of-range") == "error"

@@ -191,3 +191,87 @@ def check_duplicate_pages(table: torch.Tensor, arg: str, region: Region,
                       index=index, value=value, count=int(pos.shape[0]),
                       examples=_examples(pos, values, index_of))]
 
+
+
+def check_csr_pages(indptr: torch.Tensor, indices: torch.Tensor, last_page_len: Optional[torch.Tensor],
+                    num_pages: int, page_size: Optional[int], buffer: str, indptr_arg: str = "indptr",
+                    indices_arg: str = "indices", last_page_len_arg: str = "last_page_len") -> list:
+    """A CSR page list: row i reads pages ``indices[indptr[i]:indptr[i+1]]``.
+
+    Its KV length is ``(n_i - 1) * page_size + last_page_len[i]`` (an empty row has
+    ``last_page_len = 0``). Entries past ``indptr[-1]`` are never read. Findings in
+    ``indices`` are indexed ``(row, position_in_row)``; per-row findings ``(row,)``.
+    """
+    found = []
+    rows = indptr.shape[0] - 1
+    if indptr.dim() != 1 or rows < 0:
+        return [Violation("shape-mismatch", indptr_arg, f"{indptr_arg} must be 1-D [batch + 1], got {tuple(indptr.shape)}",
+                          value=tuple(indptr.shape))]
+    if last_page_len is not None and tuple(last_page_len.shape) != (rows,):
+        found.append(Violation("shape-mismatch", last_page_len_arg,
+                               f"{last_page_len_arg} has shape {tuple(last_page_len.shape)}, {indptr_arg} implies ({rows},)",
+                               value=tuple(last_page_len.shape), bound=(rows,)))
+        last_page_len = None
+    if rows == 0:
+        return found
+    bounds = indptr.to(torch.int64)
+    steps = bounds[1:] - bounds[:-1]
+    start, stop = int(bounds[0]), int(bounds[-1])
+    if start < 0 or int(steps.min()) < 0:
+        bad = (steps < 0).nonzero().flatten()
+        row = int(bad[0]) if bad.numel() else 0
+        return found + [Violation("shape-mismatch", indptr_arg,
+                                  f"{indptr_arg} must start at >= 0 and not decrease; row {row} spans "
+                                  f"[{int(bounds[row])}, {int(bounds[row + 1])})", index=(row,),
+                                  value=int(bounds[row + 1]), bound=int(bounds[row]))]
+    if stop > indices.numel():
+        return found + [Violation("shape-mismatch", indptr_arg,
+                                  f"{indptr_arg}[-1] = {stop} but {indices_arg} holds {indices.numel()} entries",
+                                  value=stop, bound=indices.numel())]
+    if last_page_len is not None and page_size is not None:
+        lens = last_page_len.to(torch.int64)
+        low, high = length_bounds(lens)
+        if low < 0:
+            found.append(_per_row("negative-seq-len", last_page_len_arg, lens, (lens < 0).nonzero().flatten(), 0,
+                                  lambda r: (r,), lambda r, v: f"{last_page_len_arg}[{r}] = {v} is negative"))
+        if high > page_size:
+            found.append(_per_row("seq-len-exceeds-table", last_page_len_arg, lens, (lens > page_size).nonzero().flatten(),
+                                  page_size, lambda r: (r,),
+                                  lambda r, v: f"{last_page_len_arg}[{r}] = {v} tokens in a last page of {page_size}"))
+    live = indices.reshape(-1)[start:stop]
+    if live.numel() == 0:
+        return found
+    low, high = torch.aminmax(live)
+    if int(low) >= 0 and int(high) < num_pages:
+        return found
+    bad = ((live < 0) | (live >= num_pages)).nonzero().flatten()
+    positions = bad + start
+    row_of = torch.searchsorted(bounds, positions, right=True) - 1
+    pos = torch.stack([row_of, positions - bounds[row_of]], dim=1)
+    values = live[bad]
+    r, p = pos[0].tolist()
+    value = int(values[0])
+    return found + [Violation(
+        "page-out-of-range", indices_arg,
+        f"{indices_arg}[{int(positions[0])}] (row {r}, page {p} of the row) = {value}, {buffer} has {num_pages} pages "
+        f"(valid 0..{num_pages - 1})", index=(r, p), value=value, bound=num_pages, count=int(bad.numel()),
+        examples=_examples(pos, values, lambda a, b: (a, b)))]
+
+
+def check_slots(slot_mapping: torch.Tensor, num_slots: int, buffer: str, arg: str = "slot_mapping",
+                tokens: Optional[int] = None) -> list:
+    """Slots a cache-write kernel writes: ``slot < num_slots``; negative slots are padding, skipped.
+
+    Only the first ``tokens`` entries are read (``slot_mapping.size(0)`` by default).
+    Findings are indexed ``(token,)``.
+    """
+    slots = slot_mapping.reshape(-1)[:tokens] if tokens is not None else slot_mapping.reshape(-1)
+    if slots.numel() == 0 or int(slots.max()) < num_slots:
+        return []
+    bad = (slots >= num_slots).nonzero().flatten()
+    values = slots[bad]
+    token, value = int(bad[0]), int(values[0])
+    return [Violation("page-out-of-range", arg,
+                      f"{arg}[{token}] = {value}, {buffer} has {num_slots} slots (valid 0..{num_slots - 1}; "
+                      "negative = padding)", index=(token,), value=value, bound=num_slots, count=int(bad.numel()),
+                      examples=tuple(((t,), v) for t, v in zip(bad[:MAX_EXAMPLES].tolist(), values[:MAX_EXAMPLES].tolist())))]

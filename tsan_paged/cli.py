@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     run.add_argument("cmd", nargs=argparse.REMAINDER)
     show = sub.add_parser("show", help="explain a dump, or merge the reports of a report directory")
     show.add_argument("dump", nargs="+", help="dump files (.pt) or report directories")
-    sub.add_parser("rules", help="list the rules and whether each target resolves in this environment")
+    rules = sub.add_parser("rules", help="list the rules and whether each target resolves in this environment")
+    rules.add_argument("--config", default=os.environ.get("TSAN_PAGED_CONFIG"),
+                       help="also list this config's [[rule]] tables (default: $TSAN_PAGED_CONFIG)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
         return _run(args, parser)
     if args.command == "show":
         return _show(args.dump)
-    return _rules()
+    return _rules(args.config)
 
 
 def _run(args, parser) -> int:
@@ -92,10 +94,15 @@ def _show(paths) -> int:
     return status
 
 
-def _rules() -> int:
-    from .sanitizer import _default_registry
+def _rules(config_path=None) -> int:
+    from .config import ConfigError
+    from .sanitizer import PagedSanitizer
 
-    registry = _default_registry()
+    try:
+        registry = PagedSanitizer(config=config_path).registry
+    except ConfigError as exc:
+        print(f"tsan-paged rules: {exc}", file=sys.stderr)
+        return 2
     rows = [("TARGET", "RULE", "SOURCE", "RESOLVES HERE")]
     for rule in registry.all():
         rows.append((rule.target, rule.name, rule.source, resolve_status(rule.target)))

@@ -24,6 +24,13 @@ device_poll_s = 0.1       # deferred device records: snapshot at most this often
 check = "dead-page-out-of-range"
 op = "flashinfer.decode:*"
 caller = "*/trtllm_mha_backend.py:*"
+
+[[rule]]                  # declarative rules: see tsan_paged/declarative.py
+target = "mylib::paged_decode"
+table = "block_table"
+lengths = "seq_lens"
+buffers = ["kv_cache"]
+page_size = "kv_cache.shape[1]"
 ```
 
 Environment: ``TSAN_PAGED_CONFIG`` names a config file; ``TSAN_PAGED_REPORT_DIR``
@@ -67,6 +74,7 @@ class Config:
     device_poll_s: float = 0.1    # deferred device records: snapshot period, seconds
     checks: dict = field(default_factory=dict)  # check id -> "error" | "warning" | "off"
     suppress: list = field(default_factory=list)  # [{"check"?, "op"?, "caller"?: glob}]
+    rule: list = field(default_factory=list)  # [[rule]] tables: declarative rules (tsan_paged.declarative)
     source: str = "defaults"
 
     def suppressed(self, violation) -> bool:
@@ -91,7 +99,7 @@ class Config:
 
 
 _TYPES = {"mode": str, "exit_code": int, "dump_dir": str, "max_dumps": int, "dump_on_log": bool,
-          "max_reports": int, "report_dir": str, "dedup": bool, "checks": dict, "suppress": list,
+          "max_reports": int, "report_dir": str, "dedup": bool, "checks": dict, "suppress": list, "rule": list,
           "device_path": str, "device_action": str, "device_poll_s": (int, float)}
 DEVICE_PATHS = ("auto", "sync", "deferred", "torch")
 DEVICE_ACTIONS = ("auto", "none", "trap", "guard")
@@ -165,6 +173,13 @@ def from_dict(data: dict, source: str) -> Config:
                 raise ConfigError(f"{where}: {key!r} must be a string (a glob), got {pattern!r}")
         if "check" in entry and not fnmatch.filter(CHECKS, entry["check"]):
             raise ConfigError(f"{where}: check {entry['check']!r} matches no check id; known: {', '.join(sorted(CHECKS))}")
+    from .declarative import RuleError, validate
+
+    for i, spec in enumerate(data.get("rule", [])):
+        try:
+            validate(spec, f"{source}: rule {i + 1}")
+        except RuleError as exc:
+            raise ConfigError(str(exc)) from None
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in data.items() if k in known}, source=source)
 

@@ -384,6 +384,7 @@ def make_plan(rows: int, width: int, views: list, page_size: int, max_len, regio
 
 
 _PLANS: dict = {}
+_ERRS: dict = {}  # id(config) -> (config, err_mask)
 
 
 def plan_for(rows: int, width: int, views: tuple, page_size: int, max_len, region: int, window_left, q_len: int,
@@ -599,8 +600,10 @@ def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tens
     path = getattr(config, "device_path", "auto") if config is not None else "auto"
     mode = san.mode if san is not None else "raise"
     capturing = torch.cuda.is_current_stream_capturing()
-    severity = config.severity if config is not None else _default_severity
-    errs = err_mask(severity)
+    errs = _ERRS.get(id(config))
+    if errs is None or errs[0] is not config:
+        errs = _ERRS[id(config)] = (config, err_mask(config.severity if config is not None else _default_severity))
+    errs = errs[1]
     action_name = getattr(config, "device_action", "auto") if config is not None else "none"
     if action_name == "auto":
         action_name = "trap" if mode == "abort" else "guard"
@@ -618,11 +621,12 @@ def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tens
         return decode(plan, words)
     action = ACTION_CODES[action_name]
     patched = interposer.patched.get(call_target)
-    site, code_key = _call_site(patched.library_dirs if patched is not None else ())
-    key = (code_key, plan.key, call_target, id(san))
+    frame = _caller_frame(patched.library_dirs if patched is not None else ())
+    key = ((frame.f_code, frame.f_lineno) if frame is not None else None, plan.key, call_target, id(san))
     entry = ring.entries.get(key)
     if entry is None:
-        entry = _new_entry(ring, key, plan, call_target, site, san, capturing)
+        entry = _new_entry(ring, key, plan, call_target, _format_site(frame), san, capturing)
+    del frame
     launch(ring, plan, table, lengths, entry.slot, 1, action, errs)
     if capturing:
         _patch_replay()
@@ -656,22 +660,26 @@ def _new_entry(ring: Ring, key, plan, op, site, san, captured) -> Entry:
         return entry
 
 
-def _call_site(library_dirs: tuple):
-    """The caller's ``file:line in function`` and stack; cheap frame walk, formatted once per site."""
+def _caller_frame(library_dirs: tuple):
+    """The first frame outside tsan_paged and the kernel's library (a cheap walk, every call)."""
     skip = (_DIR,) + tuple(library_dirs)
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame = frame.f_back
+    return frame
+
+
+def _format_site(frame):
+    """``(caller, stack)`` as the sanitizer reports them; formatted once per call site."""
     if frame is None:
-        return ("", ()), None
-    code_key = (frame.f_code, frame.f_lineno)
+        return "", ()
     stack = []
     f = frame
     while f is not None and len(stack) < 12:
         stack.append(f"{_short(f.f_code.co_filename)}:{f.f_lineno} in {f.f_code.co_name}")
         f = f.f_back
     stack.reverse()
-    return (stack[-1], tuple(stack)), code_key
+    return stack[-1], tuple(stack)
 
 
 def _short(path: str) -> str:

@@ -53,6 +53,7 @@ class Interposer:
         self.on_call: Callable = None  # (Patched, args, kwargs) -> result
         self.on_resolve_error: Callable = None  # (target, message) -> None
         self.on_patched: Callable = None  # (Patched) -> None, for targets patched on import
+        self.import_listeners: list = []  # more callbacks (module) -> None while watching
 
     # -- public -----------------------------------------------------------------------
     def install(self, targets) -> None:
@@ -85,6 +86,7 @@ class Interposer:
             self.patched.clear()
             self.pending.clear()
             self._by_id.clear()
+            self.import_listeners.clear()
 
     # -- patching ---------------------------------------------------------------------
     def _try_patch(self, target: str) -> None:
@@ -163,6 +165,13 @@ class Interposer:
             self.on_resolve_error(target, message)
 
     # -- imports ----------------------------------------------------------------------
+    def add_import_listener(self, listener: Callable) -> None:
+        """Also call ``listener(module)`` after each import, until :meth:`restore`."""
+        with self.lock:
+            if listener not in self.import_listeners:
+                self.import_listeners.append(listener)
+            self._watch_imports()
+
     def _watch_imports(self) -> None:
         if self._watcher is None:
             self._watcher = ImportWatcher(self._module_imported)
@@ -180,6 +189,8 @@ class Interposer:
                     self._sweep_modules([m for m in list(sys.modules.values())
                                          if getattr(m, "__name__", "").startswith(name.split(".")[0])])
             self._sweep_modules([module])
+            for listener in list(self.import_listeners):
+                listener(module)
 
 
 class ImportWatcher(importlib.abc.MetaPathFinder):

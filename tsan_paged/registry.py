@@ -90,6 +90,9 @@ class Registry:
         else:
             self.rules[target] = [r for r in self.rules.get(target, []) if r.name != name]
 
+    def copy(self) -> "Registry":
+        return Registry({target: list(rules) for target, rules in self.rules.items()})
+
     def for_target(self, target: str) -> list:
         return self.rules.get(target, [])
 

@@ -40,7 +40,7 @@ from loguru import logger
 
 from . import config as config_mod
 from . import dump as dump_mod
-from .dispatch import DispatchCatcher
+from .dispatch import ModeCatcher, bind_schema, op_interposer, resolve_overloads
 from .interpose import Patched, interposer
 from .registry import Call, CheckOptions, Registry, UnboundArgument, is_dispatcher_target, registry
 from .report import PageTableViolation, Violation, reporter
@@ -78,6 +78,12 @@ class PagedSanitizer(contextlib.ContextDecorator):
             self.config = config_mod.from_dict({**self.config.to_dict(), **overrides}, source=self.config.source)
         self.mode = self.config.mode
         self.registry = registry if registry is not None else _default_registry()
+        if self.config.rule:  # the config's [[rule]] tables, on top of the registry's rules
+            from .declarative import make_rule
+
+            self.registry = self.registry.copy()
+            for spec in self.config.rule:
+                self.registry.add(make_rule(spec, source=self.config.source))
         self.options = CheckOptions(disabled=self.config.disabled_checks())
         self.reports: list = []
         self.dropped = 0
@@ -86,7 +92,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
         self.dumps: list = []
         self._depth = 0
         self._rules: dict = {}  # target -> rules that bind, fixed at entry
-        self._dispatch_catcher: Optional[DispatchCatcher] = None
+        self._mode_catcher: Optional[ModeCatcher] = None
         self._lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -108,8 +114,13 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 dispatcher_targets = [t for t in self._rules if is_dispatcher_target(t)]
                 if dispatcher_targets:
                     self._check_dispatcher_targets(dispatcher_targets)
-                    self._dispatch_catcher = DispatchCatcher(dispatcher_targets, self._on_dispatch_call)
-                    self._dispatch_catcher.__enter__()
+                    op_interposer.install(dispatcher_targets)
+                    if op_interposer.pending:  # a library imported later registers them
+                        interposer.add_import_listener(op_interposer.retry_pending)
+                    mode_only = [t for t in dispatcher_targets if t in op_interposer.mode_only]
+                    if mode_only:
+                        self._mode_catcher = ModeCatcher(mode_only, self._on_op_call)
+                        self._mode_catcher.__enter__()
             except BaseException:
                 self._leave()
                 raise
@@ -126,8 +137,8 @@ class PagedSanitizer(contextlib.ContextDecorator):
 
     def _leave(self) -> None:
         self._depth = 0
-        if self._dispatch_catcher is not None:
-            catcher, self._dispatch_catcher = self._dispatch_catcher, None
+        if self._mode_catcher is not None:
+            catcher, self._mode_catcher = self._mode_catcher, None
             try:
                 catcher.__exit__(None, None, None)
             except Exception as exc:  # entered on another thread: its mode stack is not ours
@@ -144,6 +155,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
             interposer.install([t for s in _active for t in s._rules if not is_dispatcher_target(t)])
         else:
             interposer.restore()
+            op_interposer.restore()
 
     def flush(self) -> None:
         """Read the device check records now (a sync) and report what is new; in ``raise``
@@ -197,18 +209,24 @@ class PagedSanitizer(contextlib.ContextDecorator):
         self._rules[patched.target] = bound
 
     def _check_dispatcher_targets(self, targets) -> None:
-        import torch
+        """Report ops missing from a loaded library, and rules their schema no longer binds.
 
+        An op whose whole namespace is not loaded (vLLM not imported) is simply pending,
+        like a Python target whose module is not imported: it is caught once registered.
+        """
+        loaded = None
         for target in targets:
-            ns, op = target.split("::")
-            packet_name, _, overload = op.partition(".")
-            try:
-                packet = getattr(getattr(torch.ops, ns), packet_name)
-                schema = getattr(packet, overload or "default")._schema
-            except (AttributeError, RuntimeError):
-                self._unbound(target, f"dispatcher op {target} is not registered in this process "
-                                      "(yet); calls to it are caught once it is")
+            overloads = resolve_overloads(target)
+            if not overloads:
+                if loaded is None:
+                    import torch
+
+                    loaded = {name.split("::")[0] for name in torch._C._dispatch_get_all_op_names()}
+                if target.split("::")[0] in loaded:
+                    self._unbound(target, f"dispatcher op {target} is not registered, though its namespace "
+                                          "is (library drift?); calls to it are caught once it is")
                 continue
+            schema = overloads[0]._schema
             names = {a.name for a in schema.arguments}
             bound = []
             for rule in self._rules[target]:
@@ -232,13 +250,14 @@ class PagedSanitizer(contextlib.ContextDecorator):
         except TypeError:  # a malformed call: the library raises its own error
             return patched.original(*args, **kwargs)
         self._check_and_act(patched.target, rules, arguments, patched.library_dirs)
-        return patched.original(*args, **kwargs)
+        return _call_checked(patched.original, *args, **kwargs)
 
-    def _on_dispatch_call(self, target: str, func, arguments: dict, args: tuple, kwargs: dict):
+    def _on_op_call(self, target: str, op, args: tuple, kwargs: dict, call_original):
         rules = self._rules.get(target)
-        if rules and not getattr(_local, "checking", False):
-            self._check_and_act(target, rules, arguments, (_torch_dir(),))
-        return func(*args, **kwargs)
+        if not rules or getattr(_local, "checking", False):
+            return call_original()
+        self._check_and_act(target, rules, bind_schema(op, args, kwargs), (_torch_dir(),))
+        return _call_checked(call_original)
 
     def _check_and_act(self, target: str, rules, arguments: dict, library_dirs: tuple) -> None:
         violations = self._run_rules(target, rules, arguments)
@@ -316,9 +335,26 @@ def current() -> Optional[PagedSanitizer]:
     return _active[-1] if _active else None
 
 
+def _call_checked(original, *args, **kwargs):
+    """Run a checked kernel entry point. Targets it calls itself on this thread (FlashInfer's
+    ``trtllm_batch_decode_with_kv_cache`` -> ``xqa_batch_decode_with_kv_cache`` -> ``xqa``)
+    are not checked again: the call the program made was checked at its entry."""
+    outer = getattr(_local, "in_checked_call", False)
+    _local.in_checked_call = True
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _local.in_checked_call = outer
+
+
+def _passes_through() -> bool:
+    """On this thread, a rule is running or a checked kernel entry point is."""
+    return getattr(_local, "checking", False) or getattr(_local, "in_checked_call", False)
+
+
 def _dispatch_python_call(patched: Patched, args: tuple, kwargs: dict):
     sanitizer = _active[-1] if _active else None
-    if sanitizer is None or getattr(_local, "checking", False):
+    if sanitizer is None or _passes_through():
         return patched.original(*args, **kwargs)
     return sanitizer._on_python_call(patched, args, kwargs)
 
@@ -335,7 +371,15 @@ def _target_patched(patched: Patched) -> None:
             sanitizer._bind_rules(patched)
 
 
+def _dispatch_op_call(target: str, op, args: tuple, kwargs: dict, call_original):
+    sanitizer = _active[-1] if _active else None
+    if sanitizer is None or _passes_through():
+        return call_original()
+    return sanitizer._on_op_call(target, op, args, kwargs, call_original)
+
+
 interposer.on_call = _dispatch_python_call
+op_interposer.on_call = _dispatch_op_call
 interposer.on_resolve_error = _report_resolve_error
 interposer.on_patched = _target_patched
 
@@ -364,7 +408,7 @@ def _find_caller(library_dirs: tuple):
         frame = frame.f_back
     if frame is None:
         return "", ()
-    summary = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=12)
+    summary = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=12, lookup_lines=False)
     summary.reverse()
     stack = tuple(f"{_short(f.filename)}:{f.lineno} in {f.name}" for f in summary)
     return stack[-1], stack

@@ -120,7 +120,8 @@ def test_graph_guard_survives_and_reports_capture_site(kvs, fault):
     table, lens = b["block_tables"], b["seq_lens"]
     if first.check == "page-out-of-range":
         assert int(table[first.index]) == -1  # the guard value, in the caller's table
-        assert table.ne(table_before).nonzero().tolist() == [list(first.index)]
+        changed = table.ne(table_before).nonzero().tolist()
+        assert changed == ([] if first.value == -1 else [list(first.index)])  # only the offending entry
     else:
         assert int(lens[first.index]) == first.bound and int(lens_before[first.index]) == first.value
     # The guarded call computes exactly what the kernel computes on the guarded inputs.

@@ -4,4 +4,6 @@ Rule modules never import the library they cover: a target whose module is not i
 is wrapped when (if) it is.
 """
 
+from . import flash_attn  # noqa: F401
 from . import flashinfer  # noqa: F401
+from . import vllm  # noqa: F401

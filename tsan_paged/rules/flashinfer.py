@@ -215,3 +215,451 @@ def _device_checks(call, table, lengths, k, v, k_name, v_name, page_size, batch,
     if plan.rows == 0 or width == 0:
         return []
     return device_mod.check(call.target, plan, table, lengths)
+
+
+# =========================================================================================
+# More FlashInfer 0.7.2.post1 entry points: trtllm context, MLA decode, xqa, the paged
+# wrappers (plan/run) and append_paged_kv_cache (a write). Each rule states the source it
+# follows; paths are relative to site-packages/flashinfer.
+# =========================================================================================
+
+import weakref as _weakref  # noqa: E402
+
+TRTLLM_CONTEXT = "flashinfer.prefill:trtllm_batch_context_with_kv_cache"
+TRTLLM_MLA_DECODE = "flashinfer.mla._core:trtllm_batch_decode_with_kv_cache_mla"
+XQA_DECODE = "flashinfer.decode:xqa_batch_decode_with_kv_cache"
+XQA_MLA_DECODE = "flashinfer.mla._core:xqa_batch_decode_with_kv_cache_mla"
+XQA_RAW = "flashinfer.xqa:xqa"
+XQA_MLA_RAW = "flashinfer.xqa:xqa_mla"
+DECODE_WRAPPER = "flashinfer.decode:BatchDecodeWithPagedKVCacheWrapper"
+PREFILL_WRAPPER = "flashinfer.prefill:BatchPrefillWithPagedKVCacheWrapper"
+APPEND_PAGED_KV = "flashinfer.page:append_paged_kv_cache"
+
+XQA_SM90_TILE_TOKENS = 64    # mha_sm90.cu: gemm0CtaTileNbTokens (the Hopper fp8-KV kernel)
+XQA_GENERIC_TILE_TOKENS = 256  # mha.cu: ctaTile.x = warpTile.x (64) * ctaShapeInWarps.x (4)
+
+
+def _capability(call, device):
+    if call.options.cuda_capability is not None:
+        return tuple(call.options.cuda_capability)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def _window_first_page(lengths, window_left, q_len, page_size, tile):
+    """First column a sliding-window kernel loads per row (``None`` without a window).
+
+    xqa (``mha.cu`` near line 1772, ``mha_sm90.cu``): ``S = seq_len - q_len + 1 - win`` tokens
+    (``win = window_left + 1``) are skipped in whole tiles of ``tile`` tokens.
+    """
+    if window_left is None or window_left < 0:
+        return None
+    skipped = (lengths - (q_len - 1) - (window_left + 1)).clamp(min=0)
+    return (skipped // tile * tile) // page_size
+
+
+def _xqa_tile(k, head_dim, q_len, capability) -> int:
+    """Tile of the kernel ``flashinfer.xqa.xqa`` picks (``xqa.py``: ``run_sm90_fp8_mha``).
+
+    The Hopper kernel (``mha_sm90.cu``, 64-token tiles) runs only for an fp8 KV cache on
+    compute capability 9.x with head_dim <= 256 and (for a sliding window) q_len 1; every
+    other case runs ``mha.cu`` (256-token tiles). Unknown capability: the generic kernel,
+    whose smaller skip reads more pages (the conservative choice).
+    """
+    if (capability is not None and capability[0] == 9 and k.dtype == torch.float8_e4m3fn
+            and head_dim <= 256 and q_len == 1):
+        return XQA_SM90_TILE_TOKENS
+    return XQA_GENERIC_TILE_TOKENS
+
+
+def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages, page_size, device,
+                 region_kind, first=None, max_len=None, max_len_arg="max_seq_len", kv_split=False):
+    """The common checks of a dense ``[B, W]`` (or ``[B, 2, W]``) page table.
+
+    ``pages``: ``[(buffer name, page count)]`` (K and V, or one). ``region_kind``:
+    ``"lengths"`` (row i reads columns ``first[i] <= j < ceil(len_i / ps)``) or ``"row"``
+    (every column counts as read). Appends to ``found`` and returns it.
+    """
+    if table.dtype != torch.int32 or (lengths is not None and lengths.dtype not in LENGTH_DTYPES):
+        found += checks.check_dtype(table, table_arg, (torch.int32,))
+        if lengths is not None:
+            found += checks.check_dtype(lengths, lengths_arg, LENGTH_DTYPES)
+        if table.dtype.is_floating_point or table.dtype == torch.bool or (
+                lengths is not None and lengths.dtype.is_floating_point):
+            return found
+    bad_device = [(t, a) for t, a in ((table, table_arg), (lengths, lengths_arg)) if t is not None and t.device != device]
+    if bad_device:
+        for tensor, arg in bad_device:
+            found += checks.check_device(tensor, arg, device, "query")
+        return found
+    form = "[batch, 2, W]" if kv_split else "[batch, W]"
+    if table.dim() != (3 if kv_split else 2) or (kv_split and table.shape[1] != 2) or (
+            batch is not None and table.shape[0] != batch):
+        found.append(Violation("shape-mismatch", table_arg,
+                               f"{table_arg} has shape {tuple(table.shape)}, expected {form} with batch {batch}",
+                               value=tuple(table.shape), bound=form))
+        return found
+    width = table.shape[-1]
+    if lengths is not None:
+        if tuple(lengths.shape) != (table.shape[0],):
+            found.append(Violation("shape-mismatch", lengths_arg, f"{lengths_arg} has shape {tuple(lengths.shape)}, "
+                                   f"{table_arg} implies ({table.shape[0]},)", value=tuple(lengths.shape),
+                                   bound=(table.shape[0],)))
+            return found
+        if lengths.dtype == torch.uint32:
+            lengths = lengths.to(torch.int64)
+        bounds = checks.length_bounds(lengths)
+        found += checks.check_lengths(lengths, lengths_arg, bounds, max_len, max_len_arg=max_len_arg)
+        found += checks.check_lengths_fit(lengths, lengths_arg, bounds, page_size, width, table_arg)
+
+    def region():
+        if region_kind == "row" or lengths is None:
+            return None, None
+        lens = lengths.to(torch.int64)
+        end = checks.ceil_div(lens.clamp(min=0), page_size).clamp(max=width)
+        return (first(lens) if first is not None else None), end
+
+    if kv_split:
+        views = [(table[:, kv, :], (lambda kv: lambda r, c: (r, kv, c))(kv), name, n)
+                 for kv, (name, n) in enumerate(pages)]
+    else:
+        if len(pages) == 1:
+            name, n = pages[0]
+        elif pages[0][1] == pages[1][1]:
+            name, n = "kv_cache", pages[0][1]
+        else:  # an entry valid for the smaller buffer is valid for both: report against it
+            name, n = min(pages, key=lambda p: p[1])
+        views = [(table, lambda r, c: (r, c), name, n)]
+    for view, index_of, buffer, num_pages in views:
+        found += checks.check_pages_in_range(view, table_arg, num_pages, buffer, region, index_of)
+    return found
+
+
+def _page_shape(tensor, kv_layout):
+    """Page size of a ``[P, H, ps, D]`` (HND) / ``[P, ps, H, D]`` (NHD) cache."""
+    return int(tensor.shape[2] if kv_layout == "HND" else tensor.shape[1])
+
+
+# -- trtllm_batch_context_with_kv_cache (flashinfer/prefill.py) ---------------------------
+# backend "trtllm-gen" (closed cubins) or "cake": the whole block_tables row counts as read.
+# block_tables [batch_size, W] ([batch_size, 2, W] with uses_shared_paged_kv_idx=False,
+# utils.py _check_block_tables_shape); seq_lens [batch_size] = KV length per request;
+# max_kv_len bounds it; cum_seq_lens_q / cum_seq_lens_kv are [batch_size + 1].
+_CONTEXT_READS = ("query", "kv_cache", "block_tables", "seq_lens", "max_kv_len", "batch_size", "cum_seq_lens_q",
+                  "cum_seq_lens_kv", "kv_layout", "uses_shared_paged_kv_idx")
+
+
+@rule(TRTLLM_CONTEXT, name="flashinfer.trtllm_batch_context_with_kv_cache", reads=_CONTEXT_READS)
+def trtllm_batch_context_with_kv_cache(call):
+    (query, kv_cache, table, lengths, max_kv_len, batch_size, cu_q, cu_kv, kv_layout,
+     shared) = call.read(_CONTEXT_READS)
+    k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
+    if k is None:
+        return found
+    for cu, arg in ((cu_q, "cum_seq_lens_q"), (cu_kv, "cum_seq_lens_kv")):
+        if isinstance(cu, torch.Tensor) and tuple(cu.shape) != (batch_size + 1,):
+            found.append(Violation("shape-mismatch", arg, f"{arg} has shape {tuple(cu.shape)}, batch_size "
+                                   f"{batch_size} implies ({batch_size + 1},)", value=tuple(cu.shape),
+                                   bound=(batch_size + 1,)))
+    for t, arg in ((k, k_name), (v, v_name)):
+        if t.device != query.device:
+            found += checks.check_device(t, arg, query.device, "query")
+    pages = [(k_name, int(k.shape[0])), (v_name, int(v.shape[0]))]
+    return _check_table(found, table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
+                        batch=batch_size, pages=pages, page_size=page_size, device=query.device, region_kind="row",
+                        max_len=max_kv_len, max_len_arg="max_kv_len", kv_split=not shared)
+
+
+# -- xqa: flashinfer/xqa.py xqa and decode.py xqa_batch_decode_with_kv_cache ----------------
+# page_table [B, W] int32, rows packed (mhaUtils.cuh getPage: maxNbPagesPerSeq * idxReq +
+# idxPage, guarded by idxPage < nbPages = ceil(seq_len / ps)); seq_lens [B] (xqa: [B, 1]);
+# K and V share the table; a sliding window skips whole leading tiles.
+def _xqa_checks(call, found, *, q_device, k, v, k_name, v_name, table, table_arg, lengths, lengths_arg, batch,
+                page_size, window_left, q_len, head_dim):
+    found += checks.check_packed_rows(table, table_arg) if table.dim() == 2 else []
+    tile = _xqa_tile(k, head_dim, q_len, _capability(call, q_device))
+    pages = [(k_name, int(k.shape[0])), (v_name, int(v.shape[0]))]
+    return _check_table(found, table=table, table_arg=table_arg, lengths=lengths, lengths_arg=lengths_arg,
+                        batch=batch, pages=pages, page_size=page_size, device=q_device, region_kind="lengths",
+                        first=lambda lens: _window_first_page(lens, window_left, q_len, page_size, tile))
+
+
+_XQA_DECODE_READS = ("query", "kv_cache", "block_tables", "seq_lens", "window_left", "kv_layout", "q_len_per_req",
+                     "q_cu_seq_lens")
+
+
+@rule(XQA_DECODE, name="flashinfer.xqa_batch_decode_with_kv_cache", reads=_XQA_DECODE_READS)
+def xqa_batch_decode_with_kv_cache(call):
+    query, kv_cache, table, lengths, window_left, kv_layout, q_len, q_cu = call.read(_XQA_DECODE_READS)
+    k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
+    if k is None:
+        return found
+    q_len = q_len or 1
+    if q_cu is None and query.shape[0] % q_len == 0:
+        batch = query.shape[0] // q_len
+    elif q_cu is None:
+        return found + [Violation("shape-mismatch", "query", f"query has {query.shape[0]} rows, not a multiple of "
+                                  f"q_len_per_req {q_len}", value=query.shape[0], bound=q_len)]
+    else:
+        batch = None  # ragged Q: batch from seq_lens
+    return _xqa_checks(call, found, q_device=query.device, k=k, v=v, k_name=k_name, v_name=v_name, table=table,
+                       table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens", batch=batch,
+                       page_size=page_size, window_left=window_left, q_len=q_len, head_dim=query.shape[-1])
+
+
+_XQA_RAW_READS = ("q", "k_cache", "v_cache", "page_table", "seq_lens", "page_size", "sliding_win_size", "kv_layout",
+                  "q_seq_len", "q_cu_seq_lens")
+
+
+@rule(XQA_RAW, name="flashinfer.xqa", reads=_XQA_RAW_READS)
+def xqa(call):
+    q, k, v, table, lengths, page_size, win, kv_layout, q_len, q_cu = call.read(_XQA_RAW_READS)
+    found = []
+    if k.dim() != 4 or v.dim() != 4 or k.shape[1:] != v.shape[1:]:
+        return [Violation("shape-mismatch", "k_cache", f"k_cache {tuple(k.shape)} and v_cache {tuple(v.shape)} must "
+                          "be 4-D pages of one shape", value=tuple(v.shape), bound=tuple(k.shape))]
+    if _page_shape(k, kv_layout) != page_size:
+        found.append(Violation("shape-mismatch", "page_size", f"page_size = {page_size} but k_cache pages "
+                               f"{tuple(k.shape[1:])} ({kv_layout}) hold {_page_shape(k, kv_layout)} tokens; the "
+                               "kernel is compiled for page_size", value=page_size, bound=_page_shape(k, kv_layout)))
+        return found
+    if lengths.dim() == 2:
+        lengths = lengths[:, 0]  # [B, beam_width], beam 1
+    batch = None if q_cu is not None else q.shape[0]
+    return _xqa_checks(call, found, q_device=q.device, k=k, v=v, k_name="k_cache", v_name="v_cache", table=table,
+                       table_arg="page_table", lengths=lengths, lengths_arg="seq_lens", batch=batch,
+                       page_size=page_size, window_left=(win - 1) if win and win > 0 else -1, q_len=q_len or 1,
+                       head_dim=q.shape[-1])
+
+
+# -- MLA decode: flashinfer/mla/_core.py --------------------------------------------------
+# kv_cache [P, ps, D] or [P, 1, ps, D] (page size = kv_cache.size(-2)); block_tables [B, W]
+# ([B, 2, W] with uses_shared_paged_kv_idx=False, trtllm-gen only); seq_lens [B].
+# backend "auto" = trtllm-gen on compute capability 10.x, else xqa (SM120 mla_sm120.cu, whose
+# page loads are guarded by idxPage < nbPages); a CPU tensor is checked as xqa. xqa reads
+# columns j < ceil(seq_lens / ps); trtllm-gen / cute-dsl / cake count the whole row as read.
+# Sparse MLA (sparse_mla_top_k > 0: token indices, not pages) is not checked.
+def _mla_cache(kv_cache):
+    if kv_cache.dim() == 4 and kv_cache.shape[1] == 1:
+        return int(kv_cache.shape[0]), int(kv_cache.shape[2]), []
+    if kv_cache.dim() == 3:
+        return int(kv_cache.shape[0]), int(kv_cache.shape[1]), []
+    return 0, 0, [Violation("shape-mismatch", "kv_cache", f"kv_cache has shape {tuple(kv_cache.shape)}, expected "
+                            "[P, ps, D] or [P, 1, ps, D]", value=tuple(kv_cache.shape))]
+
+
+_MLA_READS = ("query", "kv_cache", "block_tables", "seq_lens", "max_seq_len", "sparse_mla_top_k", "backend",
+              "uses_shared_paged_kv_idx", "cum_seq_lens_q")
+
+
+@rule(TRTLLM_MLA_DECODE, name="flashinfer.trtllm_batch_decode_with_kv_cache_mla", reads=_MLA_READS)
+def trtllm_batch_decode_with_kv_cache_mla(call):
+    query, kv_cache, table, lengths, max_seq_len, top_k, backend, shared, cu_q = call.read(_MLA_READS)
+    if top_k and top_k > 0 or lengths is None:
+        return []
+    pages, page_size, found = _mla_cache(kv_cache)
+    if found:
+        return found
+    if backend == "auto":
+        capability = _capability(call, query.device)
+        backend = "trtllm-gen" if capability is not None and capability[0] == 10 else "xqa"
+    xqa_backend = backend == "xqa"
+    batch = query.shape[0] if query.dim() == 4 and cu_q is None else None
+    return _check_table(found, table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
+                        batch=batch, pages=[("kv_cache", pages)] * (1 if shared else 2), page_size=page_size,
+                        device=query.device, region_kind="lengths" if xqa_backend else "row",
+                        max_len=None if xqa_backend else max_seq_len, kv_split=not shared)
+
+
+_XQA_MLA_READS = ("query", "kv_cache", "block_tables", "seq_lens")
+
+
+@rule(XQA_MLA_DECODE, name="flashinfer.xqa_batch_decode_with_kv_cache_mla", reads=_XQA_MLA_READS)
+def xqa_batch_decode_with_kv_cache_mla(call):
+    query, kv_cache, table, lengths = call.read(_XQA_MLA_READS)
+    pages, page_size, found = _mla_cache(kv_cache)
+    if found:
+        return found
+    return _check_table(found, table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
+                        batch=query.shape[0], pages=[("kv_cache", pages)], page_size=page_size, device=query.device,
+                        region_kind="lengths")
+
+
+_XQA_MLA_RAW_READS = ("q", "k_cache", "page_table", "seq_lens", "page_size")
+
+
+@rule(XQA_MLA_RAW, name="flashinfer.xqa_mla", reads=_XQA_MLA_RAW_READS)
+def xqa_mla(call):
+    q, k, table, lengths, page_size = call.read(_XQA_MLA_RAW_READS)
+    # [P, ps, 1, D] as xqa_batch_decode_with_kv_cache_mla passes it, or [P * ps, D] rows
+    pages = int(k.shape[0]) if k.dim() >= 3 else int(k.shape[0]) // page_size
+    if lengths.dim() == 2:
+        lengths = lengths[:, 0]
+    return _check_table([], table=table, table_arg="page_table", lengths=lengths, lengths_arg="seq_lens",
+                        batch=q.shape[0], pages=[("k_cache", pages)], page_size=page_size, device=q.device,
+                        region_kind="lengths")
+
+
+# -- the paged wrappers (flashinfer/decode.py, flashinfer/prefill.py) ---------------------
+# plan(indptr, indices, last_page_len, ..., page_size): a CSR page list, row i reads
+# indices[indptr[i]:indptr[i+1]] (page.cuh paged_kv_t); run(q, paged_kv_cache) reads them
+# from the cache whose layout the constructor fixed (self._kv_layout). Checked at plan time
+# against the pages of the cache the same wrapper last ran on (when known), else at run.
+_wrapper_state = _weakref.WeakKeyDictionary()  # wrapper -> {"plan": ..., "pages": ...}
+
+
+def _csr_pages_finding(plan, pages):
+    """``page-out-of-range`` findings of a recorded plan against ``pages = ((name, P), ...)``."""
+    indptr, indices, last_page_len, page_size, names = plan
+    name, num_pages = min(pages, key=lambda p: p[1])
+    if len(pages) > 1 and pages[0][1] == pages[1][1]:
+        name = "paged_kv_cache"
+    return [v for v in checks.check_csr_pages(indptr, indices, last_page_len, num_pages, page_size, name, *names)
+            if v.check == "page-out-of-range"]
+
+
+def _wrapper_plan(call, names):
+    wrapper = call["self"]
+    indptr, indices, last_page_len, page_size = (call[n] for n in names[:3] + ("page_size",))
+    found = []
+    for tensor, arg in ((indices, names[1]), (last_page_len, names[2])):
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dtype != indptr.dtype:
+            found += checks.check_dtype(tensor, arg, (indptr.dtype,))
+    if found or indptr.dtype.is_floating_point:
+        return found
+    found += [v for v in checks.check_csr_pages(indptr, indices, last_page_len, 2**62, page_size, "paged_kv_cache",
+                                                 *names) if v.check != "page-out-of-range"]
+    plan = (indptr, indices, last_page_len, page_size, names)
+    state = _wrapper_state.setdefault(wrapper, {})
+    state["plan"], state["verified"] = plan, None
+    if state.get("pages") is not None and not any(v.check == "shape-mismatch" for v in found):
+        found += _csr_pages_finding(plan, state["pages"])  # the cache this wrapper last ran on
+        state["verified"] = state["pages"]
+    return found
+
+
+def _wrapper_run(call):
+    wrapper, kv_cache = call["self"], call["paged_kv_cache"]
+    state = _wrapper_state.get(wrapper)
+    kv_layout = getattr(wrapper, "_kv_layout", "NHD")
+    k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
+    if k is None:
+        return [f.replace(arg="paged_kv_cache") for f in found]
+    found = [f.replace(arg="paged_kv_cache") for f in found]
+    if isinstance(kv_cache, torch.Tensor):
+        pages = (("paged_kv_cache", int(k.shape[0])),)
+    else:
+        pages = (("paged_kv_cache[0]", int(k.shape[0])), ("paged_kv_cache[1]", int(v.shape[0])))
+    if state is None or state.get("plan") is None:
+        return found  # planned before the sanitizer started: nothing to check against
+    plan = state["plan"]
+    if plan[3] != page_size:
+        return found + [Violation("shape-mismatch", "paged_kv_cache",
+                                  f"plan() was given page_size = {plan[3]}, paged_kv_cache pages ({kv_layout}, "
+                                  f"{tuple(k.shape[1:])}) hold {page_size} tokens", value=page_size, bound=plan[3])]
+    state["pages"] = pages
+    if state.get("verified") == pages:
+        return found  # checked at plan() against this cache's page count
+    state["verified"] = pages
+    return found + _csr_pages_finding(plan, pages)
+
+
+_DECODE_PLAN_NAMES = ("indptr", "indices", "last_page_len")
+_PREFILL_PLAN_NAMES = ("paged_kv_indptr", "paged_kv_indices", "paged_kv_last_page_len")
+
+
+@rule(f"{DECODE_WRAPPER}.plan", name="flashinfer.BatchDecodeWithPagedKVCacheWrapper.plan",
+      reads=("self",) + _DECODE_PLAN_NAMES + ("page_size",))
+def batch_decode_wrapper_plan(call):
+    return _wrapper_plan(call, _DECODE_PLAN_NAMES)
+
+
+@rule(f"{DECODE_WRAPPER}.run", name="flashinfer.BatchDecodeWithPagedKVCacheWrapper.run",
+      reads=("self", "paged_kv_cache"))
+def batch_decode_wrapper_run(call):
+    return _wrapper_run(call)
+
+
+@rule(f"{PREFILL_WRAPPER}.plan", name="flashinfer.BatchPrefillWithPagedKVCacheWrapper.plan",
+      reads=("self",) + _PREFILL_PLAN_NAMES + ("page_size",))
+def batch_prefill_wrapper_plan(call):
+    return _wrapper_plan(call, _PREFILL_PLAN_NAMES)
+
+
+@rule(f"{PREFILL_WRAPPER}.run", name="flashinfer.BatchPrefillWithPagedKVCacheWrapper.run",
+      reads=("self", "paged_kv_cache"))
+def batch_prefill_wrapper_run(call):
+    return _wrapper_run(call)
+
+
+# -- append_paged_kv_cache (flashinfer/page.py; data/include/flashinfer/page.cuh
+# AppendPagedKVCacheKernel): a WRITE. For each appended token i < append_key.size(0):
+# page_iter = indptr[batch_indices[i]] + positions[i] // ps, and K/V are written into page
+# indices[page_iter] (no bound check in the kernel). Only those entries are dereferenced.
+_APPEND_READS = ("append_key", "batch_indices", "positions", "paged_kv_cache", "kv_indices", "kv_indptr",
+                 "kv_last_page_len", "kv_layout")
+
+
+@rule(APPEND_PAGED_KV, name="flashinfer.append_paged_kv_cache", reads=_APPEND_READS)
+def append_paged_kv_cache(call):
+    key, batch_idx, positions, kv_cache, indices, indptr, last_page_len, kv_layout = call.read(_APPEND_READS)
+    k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
+    if k is None:
+        return found
+    names = ("kv_indptr", "kv_indices", "kv_last_page_len")
+    found += [f for f in checks.check_csr_pages(indptr, indices, last_page_len, 2**62, page_size, "paged_kv_cache",
+                                                *names) if f.check != "page-out-of-range"]
+    if any(f.check == "shape-mismatch" for f in found):
+        return found
+    nnz = key.shape[0]
+    for tensor, arg in ((batch_idx, "batch_indices"), (positions, "positions")):
+        if tensor.dim() != 1 or tensor.shape[0] != nnz:
+            found.append(Violation("shape-mismatch", arg, f"{arg} has shape {tuple(tensor.shape)}, append_key has "
+                                   f"{nnz} tokens", value=tuple(tensor.shape), bound=(nnz,)))
+    if found or nnz == 0:
+        return found
+    batch = last_page_len.shape[0]
+    b = batch_idx.to(torch.int64)
+    p = positions.to(torch.int64)
+    bad_b = (b < 0) | (b >= batch)
+    if bool(bad_b.any()):
+        tokens = bad_b.nonzero().flatten()
+        t = int(tokens[0])
+        found.append(Violation("shape-mismatch", "batch_indices", f"batch_indices[{t}] = {int(b[t])}, the batch has "
+                               f"{batch} requests; the kernel reads kv_indptr[{int(b[t])}]", index=(t,),
+                               value=int(b[t]), bound=batch, count=int(tokens.numel())))
+    bounds = indptr.to(torch.int64)
+    lens = last_page_len.to(torch.int64)
+    safe_b = b.where(~bad_b, 0)
+    n_pages = (bounds[1:] - bounds[:-1])[safe_b]
+    kv_len = ((n_pages - 1) * page_size + lens[safe_b]).clamp(min=0)
+    negative = (p < 0) & ~bad_b
+    beyond = (p >= kv_len) & ~bad_b & ~negative
+    for mask, check, describe in ((negative, "negative-seq-len", "is negative"),
+                                  (beyond, "seq-len-exceeds-table", "is past its request's allocated KV length")):
+        if bool(mask.any()):
+            tokens = mask.nonzero().flatten()
+            t = int(tokens[0])
+            found.append(Violation(check, "positions", f"positions[{t}] = {int(p[t])} {describe} "
+                                   f"({int(kv_len[t])} tokens in request {int(b[t])}): the write lands in "
+                                   "another request's page or past kv_indices", index=(t,), value=int(p[t]),
+                                   bound=int(kv_len[t]), count=int(tokens.numel())))
+    ok = ~(bad_b | negative | beyond)
+    column = p.clamp(min=0) // page_size
+    entry = bounds[safe_b] + column
+    written = indices.reshape(-1)[entry.where(ok, 0)].to(torch.int64) if indices.numel() else entry
+    num_pages = min(int(k.shape[0]), int(v.shape[0]))
+    bad_page = ok & ((written < 0) | (written >= num_pages))
+    if bool(bad_page.any()):
+        buffer = "paged_kv_cache" if k.shape[0] == v.shape[0] else (k_name if k.shape[0] < v.shape[0] else v_name)
+        tokens = bad_page.nonzero().flatten()
+        t = int(tokens[0])
+        index, value = (int(b[t]), int(column[t])), int(written[t])
+        examples = tuple(((int(b[i]), int(column[i])), int(written[i])) for i in tokens[:5].tolist())
+        found.append(Violation("page-out-of-range", "kv_indices",
+                               f"kv_indices[{int(entry[t])}] (row {index[0]}, page {index[1]} of the row) = {value}, "
+                               f"{buffer} has {num_pages} pages (valid 0..{num_pages - 1}); appended token {t} "
+                               "is WRITTEN there", index=index, value=value, bound=num_pages,
+                               count=int(tokens.numel()), examples=examples))
+    return found

@@ -1,0 +1,362 @@
+"""Drive SGLang 0.5.23's real KV pools, allocators and trtllm_mha backend on a CPU.
+
+Nothing here re-implements SGLang: it plays the scheduler's part (which requests arrive,
+extend, decode, verify MTP drafts, finish) and calls SGLang's own objects to do the work:
+
+- pools: ``ReqToTokenPool``, ``MHATokenToKVPool``, ``SWAKVPool`` (``sglang.srt.mem_cache``);
+- allocators: ``TokenToKVPoolAllocator`` (page 1), ``PagedTokenToKVPoolAllocator``,
+  ``SWATokenToKVPoolAllocator`` (owns ``full_to_swa_index_mapping``), called as the
+  scheduler calls them (``alloc``/``alloc_extend``/``alloc_decode``, ``free``,
+  ``free_swa_segment`` for tokens that left the window, ``free_full``); ``last_loc`` with
+  ``sglang.srt.mem_cache.allocation.get_last_loc_torch``;
+- ``KVIndexTranslator`` (what ``init_forward_metadata`` reads tables through);
+- the tables: ``TRTLLMHAAttnBackend.init_forward_metadata`` itself, which fills
+  ``page_table`` / ``swa_page_table`` with SGLang's Triton kernel
+  ``create_trtllm_mha_kv_indices_triton`` (``build_trtllm_mha_page_table``), run by
+  Triton's interpreter on a CPU (``TRITON_INTERPRET=1``, set before SGLang is imported);
+- the kernel call: ``TRTLLMHAAttnBackend.forward_decode`` (decode) and ``forward_extend``
+  (MTP target-verify, ``q_len_per_req`` = draft tokens), which call
+  ``flashinfer.decode.trtllm_batch_decode_with_kv_cache`` from SGLang's own line.
+
+Why the backend object is made with ``__new__`` and not its ``__init__``: the constructor
+needs a whole ``ModelRunner`` (model config, a loaded model to scan its layers, server
+args, CUDA platform probing, FlashInfer workspace and wrappers that need a GPU). The
+driver sets the attributes ``init_forward_metadata`` / ``forward_decode`` /
+``forward_extend`` read (``backend_for``) to what ``__init__`` would set for an sm90 (xqa)
+GPU with a bf16 KV cache, and then runs those methods unmodified.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("FLASHINFER_NO_DOWNLOAD", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # SGLang's page-table kernel, on a CPU
+
+import random  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+
+import flashinfer.decode  # noqa: E402
+import sglang.srt.layers.attention.trtllm_mha_backend as trtllm_mha_backend  # noqa: E402
+from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend  # noqa: E402
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
+from sglang.srt.mem_cache.allocation import get_last_loc_torch  # noqa: E402
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool  # noqa: E402
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode  # noqa: E402
+
+# trtllm_mha_backend.py line 68: ``if is_flashinfer_available(): import flashinfer``, false
+# without CUDA, so on a CPU the module has no ``flashinfer`` global and its calls
+# (``flashinfer.decode.trtllm_batch_decode_with_kv_cache(...)``, looked up at call time)
+# would raise NameError. Bind the global exactly as that import does on a GPU machine.
+if not hasattr(trtllm_mha_backend, "flashinfer"):
+    trtllm_mha_backend.flashinfer = flashinfer
+
+HEADS, KV_HEADS, HEAD_DIM = 2, 1, 8
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Engine:
+    """One SGLang KV setup: pools, allocator, backend and the model's attention layers."""
+
+    page_size: int
+    swa: bool
+    pool: object
+    allocator: object
+    req_to_token_pool: ReqToTokenPool
+    backend: TRTLLMHAAttnBackend
+    layers: list
+    window: int = 0  # tokens a sliding-window layer attends to (window_left + 1)
+    max_context_len: int = 0
+
+    @property
+    def req_to_token(self):
+        return self.req_to_token_pool.req_to_token
+
+    def swa_pages(self):
+        """Pages of the SWA K buffer as the kernel sees them (the backend's view)."""
+        return self.pool.swa_kv_pool.get_key_buffer(0).shape[0] // self.page_size
+
+
+def make_engine(page_size=64, swa=False, full_tokens=64 * 160, swa_tokens=64 * 48, max_context_len=4096,
+                max_reqs=48, window=256, draft_tokens=0) -> Engine:
+    """SGLang's pools and allocator as ``ModelRunner`` builds them, plus the backend."""
+    device = "cpu"
+    req_to_token_pool = ReqToTokenPool(size=max_reqs, max_context_len=max_context_len, device=device,
+                                       enable_memory_saver=False)
+    if swa:  # Gemma-like: layer 0 sliding-window, layer 1 full attention
+        pool = SWAKVPool(size=full_tokens, size_swa=swa_tokens, page_size=page_size, dtype=DTYPE,
+                         head_num=KV_HEADS, head_dim=HEAD_DIM, swa_attention_layer_ids=[0],
+                         full_attention_layer_ids=[1], device=device, enable_memory_saver=False)
+        allocator = SWATokenToKVPoolAllocator(full_tokens, swa_tokens, page_size, DTYPE, device, pool,
+                                              need_sort=False)
+    else:
+        pool = MHATokenToKVPool(full_tokens, page_size, DTYPE, KV_HEADS, HEAD_DIM, layer_num=2, device=device,
+                                enable_memory_saver=False)
+        cls = TokenToKVPoolAllocator if page_size == 1 else PagedTokenToKVPoolAllocator
+        args = (full_tokens, DTYPE, device, pool, False) if page_size == 1 else \
+            (full_tokens, page_size, DTYPE, device, pool, False)
+        allocator = cls(*args)
+    layers = [RadixAttention(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=0,
+                             sliding_window_size=(window - 1) if swa else -1),
+              RadixAttention(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=1)]
+    backend = backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens)
+    return Engine(page_size, swa, pool, allocator, req_to_token_pool, backend, layers,
+                  window if swa else 0, max_context_len)
+
+
+def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens):
+    """A ``TRTLLMHAAttnBackend`` with what its ``__init__`` sets on an sm90 (xqa) GPU, bf16 KV."""
+    b = TRTLLMHAAttnBackend.__new__(TRTLLMHAAttnBackend)
+    b.device = "cpu"
+    b.page_size = page_size
+    b.max_context_len = max_context_len
+    b.max_num_pages = (max_context_len + page_size - 1) // page_size  # as __init__ computes it
+    b.req_to_token = req_to_token_pool.req_to_token
+    b.token_to_kv_pool = pool
+    # What FlashInferAttnBackend.__init__ builds: the runner's translator (a static pool:
+    # not translating, reads go through req_to_token) and the SWA pool it resolves.
+    b.kv_index_translator = KVIndexTranslator(req_to_token=req_to_token_pool.req_to_token,
+                                              token_to_kv_pool_allocator=allocator, token_to_kv_pool=pool,
+                                              page_size=page_size, device="cpu")
+    b._swa_kv_pool = pool if isinstance(pool, SWAKVPool) else None
+    b.use_sliding_window_kv_pool = b._swa_kv_pool is not None
+    b._swa_full_to_swa_mapping = pool.full_to_swa_index_mapping if b._swa_kv_pool is not None else None
+    b.data_type = DTYPE
+    b.q_data_type = DTYPE
+    b.is_xqa_impl = True  # sm90
+    b.use_fmha_v2 = False  # only used by prefill (EXTEND), which does not call the decode kernel
+    b.decode_uses_native_fp4 = b.prefill_uses_native_fp4 = False
+    b.is_nvfp4_kvcache = b.uses_trtllm_gen_native_fp4 = False
+    b.expand_encoder_only_verify = False
+    b.speculative_step_id = 0
+    b.speculative_num_draft_tokens = draft_tokens or None
+    b.topk = 1 if draft_tokens else 0
+    b.decode_seq_len_splits = 1
+    b.workspace_buffer = torch.zeros(1024, dtype=torch.uint8)
+    b._multi_ctas_kv_counter_buffer = None
+    b._xqa_spec_dec_mask = None
+    b.forward_metadata = None
+    return b
+
+
+@dataclass
+class Request:
+    row: int  # req_pool_idx
+    prompt: int  # tokens to prefill
+    output: int  # tokens to generate
+    committed: int = 0  # kv_committed_len: tokens whose KV is valid
+    allocated: int = 0  # kv_allocated_len: slots written in req_to_token (MTP over-allocates)
+    swa_evicted: int = 0  # tokens below this left the window and were freed in the SWA pool
+    generated: int = 0
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    calls: int = 0  # kernel calls that reached FlashInfer
+    decode_steps: int = 0
+    verify_steps: int = 0
+    extend_steps: int = 0
+    finished: int = 0
+    build_ns: list = field(default_factory=list)  # init_forward_metadata per step
+
+
+class Scheduler:
+    """A seeded stream of requests through SGLang's allocators, tables and kernel calls.
+
+    Each step either admits (prefills, in chunks) waiting requests, or runs one decode step
+    (``draft_tokens == 0``) or one MTP target-verify step (``q_len_per_req = draft_tokens``,
+    then 1..draft_tokens accepted, the rest left allocated as SGLang's spec v2 does) for
+    every running request, then frees finished requests and the SWA tokens that left the
+    window. ``on_call(fn)`` runs each SGLang forward (which calls FlashInfer).
+    """
+
+    def __init__(self, engine: Engine, seed=0, draft_tokens=0, max_running=12, prompt=(1, 900),
+                 output=(1, 300), chunk=512, on_call=None):
+        self.e = engine
+        self.rng = random.Random(seed)
+        self.draft = draft_tokens
+        self.max_running = max_running
+        self.prompt, self.output, self.chunk = prompt, output, chunk
+        self.running: list = []
+        self.prefilling: list = []
+        self.stats = Stats()
+        self.on_call = on_call or (lambda fn: fn())
+        self.before_forward = None  # (reqs, seq_lens, tokens_per_req): after allocation, before the tables
+        self.q = torch.zeros(max_running * max(draft_tokens, 1), HEADS * HEAD_DIM, dtype=DTYPE)
+
+    # -- allocation, as ScheduleBatch.prepare_for_extend / _decode call SGLang ----------
+    def _alloc(self, reqs, prefix, seq):
+        """Slots for positions [prefix, seq) of each request, written into req_to_token."""
+        e, a = self.e, self.e.allocator
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
+        prefix_t = torch.tensor(prefix, dtype=torch.int64)
+        seq_t = torch.tensor(seq, dtype=torch.int64)
+        n = int((seq_t - prefix_t).sum())
+        if e.page_size == 1:
+            out = a.alloc(n)
+        else:
+            last_loc = get_last_loc_torch(e.req_to_token, rows, prefix_t)
+            if all(s - p == 1 for p, s in zip(prefix, seq)):
+                out = a.alloc_decode(seq_t, seq_t, last_loc)
+            else:
+                out = a.alloc_extend(prefix_t, prefix_t, seq_t, seq_t, last_loc, n)
+        if out is None:
+            return False
+        pt = 0
+        for r, p, s in zip(reqs, prefix, seq):
+            e.req_to_token_pool.write((r.row, slice(p, s)), out[pt:pt + s - p].to(torch.int32))
+            pt += s - p
+            r.allocated = s
+        return True
+
+    def _free(self, r: Request):
+        """release_kv_cache without a radix tree: every slot the request holds."""
+        e, a = self.e, self.e.allocator
+        slots = e.req_to_token[r.row, :r.allocated].to(torch.int64)
+        if e.swa:
+            a.free_full(slots[:r.swa_evicted])  # their SWA peers are already free
+            a.free(slots[r.swa_evicted:])
+        else:
+            a.free(slots)
+        e.req_to_token_pool.free_slots.append(r.row)  # ReqToTokenPool.free, without a Req
+        self.stats.finished += 1
+
+    def _evict_swa(self, r: Request):
+        """free_swa_out_of_window_slots' rule: keep ceil(max(window, page)) behind the tail."""
+        e = self.e
+        keep = -(-max(e.window, e.page_size) // e.page_size) * e.page_size
+        new = max(r.committed - keep, 0) // e.page_size * e.page_size
+        if new > r.swa_evicted:
+            slots = e.req_to_token[r.row, r.swa_evicted:new].to(torch.int64)
+            e.allocator.free_swa_segment(slots, start_pos=r.swa_evicted)
+            r.swa_evicted = new
+
+    # -- forward batches and the backend ------------------------------------------------
+    def _forward(self, mode, reqs, seq_lens, out_cache_loc, tokens_per_req=1):
+        e, b = self.e, self.e.backend
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
+        seq = torch.tensor(seq_lens, dtype=torch.int64)
+        n = len(reqs) * tokens_per_req
+        fb = ForwardBatch(forward_mode=mode, batch_size=len(reqs), input_ids=torch.zeros(n, dtype=torch.int64),
+                          req_pool_indices=rows, seq_lens=seq, out_cache_loc=out_cache_loc,
+                          seq_lens_sum=int(seq.sum()))
+        fb.seq_lens_cpu = seq
+        if self.before_forward is not None:
+            self.before_forward(reqs, seq_lens, tokens_per_req)
+        fb.kv_loc_plan = b.kv_index_translator.plan(req_pool_indices=rows, seq_lens=seq, seq_lens_cpu=seq,
+                                                    write_virtual=out_cache_loc)
+        start = _now()
+        b.init_forward_metadata(fb)
+        self.stats.build_ns.append(_now() - start)
+        q = self.q[:n]
+        for layer in e.layers:
+            if mode.is_decode():
+                self.on_call(lambda: b.forward_decode(q, None, None, layer, fb, save_kv_cache=False))
+            else:
+                self.on_call(lambda: b.forward_extend(q, None, None, layer, fb, save_kv_cache=False))
+            self.stats.calls += 1
+        return fb
+
+    def step(self):
+        """One scheduler iteration."""
+        s, e = self.stats, self.e
+        s.steps += 1
+        free_rows = len(e.req_to_token_pool.free_slots)
+        admit = len(self.running) + len(self.prefilling) < self.max_running and free_rows and \
+            (not self.running or self.rng.random() < 0.25)
+        if admit:
+            for _ in range(self.rng.randint(1, 3)):
+                if len(self.running) + len(self.prefilling) >= self.max_running:
+                    break
+                rows = e.req_to_token_pool.alloc_rows(1)
+                if rows is None:
+                    break
+                self.prefilling.append(Request(rows[0], self.rng.randint(*self.prompt),
+                                               self.rng.randint(*self.output)))
+        if self.prefilling:  # one chunk of prefill (EXTEND: no decode-kernel call)
+            reqs = list(self.prefilling)
+            prefix = [r.committed for r in reqs]
+            seq = [min(r.prompt, r.committed + self.chunk) for r in reqs]
+            if self._alloc(reqs, prefix, seq):
+                for r, n in zip(reqs, seq):
+                    r.committed = n
+                    if n == r.prompt:
+                        self.prefilling.remove(r)
+                        self.running.append(r)
+                s.extend_steps += 1
+                return
+        if not self.running:
+            return
+        reqs = list(self.running)
+        if self.draft:  # MTP verify: draft_tokens query rows per request
+            d = self.draft
+            need = [r for r in reqs if r.allocated < r.committed + d]
+            if need and not self._alloc(need, [r.allocated for r in need], [r.committed + d for r in need]):
+                return self._preempt()
+            loc = torch.cat([e.req_to_token[r.row, r.committed:r.committed + d] for r in reqs]).to(torch.int64)
+            self._forward(ForwardMode.TARGET_VERIFY, reqs, [r.committed for r in reqs], loc, tokens_per_req=d)
+            s.verify_steps += 1
+            for r in reqs:
+                accepted = self.rng.randint(1, d)
+                r.committed += accepted
+                r.generated += accepted
+        else:
+            if not self._alloc(reqs, [r.committed for r in reqs], [r.committed + 1 for r in reqs]):
+                return self._preempt()
+            loc = torch.cat([e.req_to_token[r.row, r.committed:r.committed + 1] for r in reqs]).to(torch.int64)
+            for r in reqs:
+                r.committed += 1
+                r.generated += 1
+            self._forward(ForwardMode.DECODE, reqs, [r.committed for r in reqs], loc)
+            s.decode_steps += 1
+        for r in list(self.running):
+            if r.generated >= r.output or r.committed + max(self.draft, 1) >= e.max_context_len:
+                self.running.remove(r)
+                self._free(r)
+            elif e.swa:
+                self._evict_swa(r)
+
+    def _preempt(self):
+        """Out of KV: retract the newest request (SGLang retracts and requeues it)."""
+        r = self.running.pop()
+        self._free(r)
+
+    def run(self, steps):
+        for _ in range(steps):
+            self.step()
+        return self.stats
+
+    def drain(self):
+        for r in self.running + self.prefilling:
+            self._free(r)
+        self.running, self.prefilling = [], []
+
+
+def _now():
+    import time
+
+    return time.perf_counter_ns()
+
+
+def call_through(fn):
+    """Run one SGLang forward; True when its kernel call reached FlashInfer (see conftest)."""
+    try:
+        fn()
+    except (ValueError, RuntimeError) as exc:
+        if type(exc).__name__ == "PageTableViolation":
+            raise
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        assert f"{os.sep}flashinfer{os.sep}" in tb.tb_frame.f_code.co_filename, exc
+        assert "device must be a cuda device" in str(exc) or "cuda" in str(exc).lower(), exc
+    return True

@@ -1,0 +1,105 @@
+"""vLLM's dispatcher ops: the built-in rules, on real torch.library ops with vLLM's schemas."""
+
+import random
+
+import pytest
+import torch
+
+import vllm_ops  # noqa: F401  (registers _C and _C_cache_ops ops with CPU kernels)
+from tsan_paged import PagedSanitizer, PageTableViolation
+
+NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_SIZE, X = 64, 16, 2, 16, 8
+
+
+def attention_inputs(num_seqs=5, max_seq_len=100, seed=0):
+    """Built like vLLM's tests/kernels/attention/test_attention.py: random lengths and blocks."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    seq_lens = torch.tensor([rng.randint(1, max_seq_len) for _ in range(num_seqs)], dtype=torch.int32)
+    max_blocks = (max_seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    block_tables = torch.tensor([[rng.randint(0, NUM_BLOCKS - 1) for _ in range(max_blocks)] for _ in range(num_seqs)],
+                                dtype=torch.int32)
+    key_cache = torch.randn(NUM_BLOCKS, HEADS, HEAD_SIZE // X, BLOCK_SIZE, X)
+    value_cache = torch.randn(NUM_BLOCKS, HEADS, HEAD_SIZE, BLOCK_SIZE)
+    query = torch.randn(num_seqs, HEADS * 2, HEAD_SIZE)
+    return dict(out=torch.empty_like(query), query=query, key_cache=key_cache, value_cache=value_cache,
+                num_kv_heads=HEADS, scale=HEAD_SIZE ** -0.5, block_tables=block_tables, seq_lens=seq_lens,
+                block_size=BLOCK_SIZE, max_seq_len=max_seq_len, alibi_slopes=None, kv_cache_dtype="auto",
+                k_scale=torch.tensor(1.0), v_scale=torch.tensor(1.0), tp_rank=0, blocksparse_local_blocks=0,
+                blocksparse_vert_stride=0, blocksparse_block_size=64, blocksparse_head_sliding_step=0)
+
+
+def v1(a):
+    torch.ops._C.paged_attention_v1(*a.values())
+
+
+def test_valid_attention_runs_unchanged_with_no_reports():
+    a = attention_inputs()
+    reference = attention_inputs()
+    v1(reference)
+    with PagedSanitizer(mode="raise") as san:
+        v1(a)
+        torch.ops._C.paged_attention_v2(a["out"], torch.empty(1), torch.empty(1), torch.empty(1),
+                                        *list(a.values())[1:])
+    assert san.reports == []
+    assert torch.allclose(a["out"], reference["out"])
+
+
+def test_live_block_fault_caught_before_the_kernel():
+    a = attention_inputs()
+    row = 2
+    col = (int(a["seq_lens"][row]) - 1) // BLOCK_SIZE
+    a["block_tables"][row, col] = NUM_BLOCKS
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation) as info:
+        v1(a)
+    v = info.value.violations[0]
+    assert (v.op, v.check, v.arg, v.index, v.value, v.bound) == (
+        "_C::paged_attention_v1", "page-out-of-range", "block_tables", (row, col), NUM_BLOCKS, NUM_BLOCKS)
+    assert v.caller.startswith("tests/test_vllm.py")
+
+
+def test_dead_block_is_a_warning_and_lengths_are_checked():
+    a = attention_inputs()
+    a["seq_lens"][0] = 1  # row 0 reads one block
+    a["block_tables"][0, 3] = -7
+    with PagedSanitizer(mode="raise") as san:
+        v1(a)
+    assert [(v.check, v.index) for v in san.reports] == [("dead-page-out-of-range", (0, 3))]
+    a["seq_lens"][4] = a["max_seq_len"] + 1
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation) as info:
+        v1(a)
+    assert ("seq-len-exceeds-max", (4,)) in [(v.check, v.index) for v in info.value.violations]
+
+
+def cache_inputs(flash, num_tokens=20, padded_rows=4, seed=0):
+    """Built like vLLM's tests/kernels/test_cache.py: distinct random slots."""
+    rng = random.Random(seed)
+    slot_mapping = torch.tensor(rng.sample(range(NUM_BLOCKS * BLOCK_SIZE), num_tokens), dtype=torch.long)
+    key = torch.randn(num_tokens + padded_rows, HEADS, HEAD_SIZE)  # CUDA-graph padding rows
+    value = torch.randn(num_tokens + padded_rows, HEADS, HEAD_SIZE)
+    if flash:
+        key_cache = torch.zeros(NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_SIZE)
+        value_cache = torch.zeros(NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD_SIZE)
+    else:
+        key_cache = torch.zeros(NUM_BLOCKS, HEADS, HEAD_SIZE // X, BLOCK_SIZE, X)
+        value_cache = torch.zeros(NUM_BLOCKS, HEADS, HEAD_SIZE, BLOCK_SIZE)
+    return [key, value, key_cache, value_cache, slot_mapping, "auto", torch.tensor(1.0), torch.tensor(1.0)]
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_cache_writes(flash):
+    op = torch.ops._C_cache_ops.reshape_and_cache_flash if flash else torch.ops._C_cache_ops.reshape_and_cache
+    args = cache_inputs(flash)
+    args[4][[1, 7]] = -1  # padding slots: skipped by the kernel, not findings
+    with PagedSanitizer(mode="raise") as san:
+        op(*args)
+    assert san.reports == []
+    assert args[2].abs().sum() > 0  # the real kernel wrote
+
+    args = cache_inputs(flash)
+    args[4][3] = NUM_BLOCKS * BLOCK_SIZE  # one slot past the end: would corrupt memory silently
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation) as info:
+        op(*args)
+    v = info.value.violations[0]
+    assert (v.check, v.arg, v.index, v.value, v.bound) == (
+        "page-out-of-range", "slot_mapping", (3,), NUM_BLOCKS * BLOCK_SIZE, NUM_BLOCKS * BLOCK_SIZE)
