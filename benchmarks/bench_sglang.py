@@ -14,6 +14,10 @@ For every decode / verify step it times:
 - ``check``: what the sanitizer adds to the step's kernel calls: the time of the step's calls
   under ``PagedSanitizer(mode="log")`` minus the same calls without it (each call ends in
   FlashInfer's CPU refusal, which both sides pay).
+- ``track``: the same with ``track_pages=True`` (tsan_paged/tracking.py): the calls' checks
+  plus the ``page-not-allocated`` gather, and ``shadow``: the allocator shadow's own work in
+  the step's ``alloc*``/``free*`` calls (its bookkeeping methods, timed directly: the
+  allocator calls themselves run Triton's interpreter and are too noisy to difference).
 
 Same seeds with and without the sanitizer, so both runs see the same tables.
 """
@@ -32,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import torch  # noqa: E402
 
 import sglang_driver as sd  # noqa: E402
-from tsan_paged import PagedSanitizer  # noqa: E402
+from tsan_paged import PagedSanitizer, tracking  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -42,7 +46,7 @@ CONFIGS = [("page64 SWA MTP3", dict(page_size=64, swa=True), 3),
            ("page1 SWA MTP2", dict(page_size=1, swa=True), 2)]
 
 
-def run(kwargs, draft, steps, sanitize):
+def run(kwargs, draft, steps, sanitize, track_pages=False):
     engine = sd.make_engine(draft_tokens=draft, **kwargs)
     call_ns = []
 
@@ -52,16 +56,33 @@ def run(kwargs, draft, steps, sanitize):
         call_ns.append(time.perf_counter_ns() - start)
 
     sched = sd.Scheduler(engine, seed=11, draft_tokens=draft, max_running=8, on_call=timed)
-    per_step_calls, builds, rows = [], [], []
-    with PagedSanitizer(mode="log") if sanitize else _null():
+    per_step_calls, builds, rows, per_step_alloc = [], [], [], []
+    alloc_ns = []  # with track_pages: the shadow's bookkeeping (tracking.tracker's methods)
+    if track_pages:
+        for name in ("on_alloc", "on_release", "on_clear", "stack_id"):
+            setattr(tracking.tracker, name, _timed_method(getattr(tracking.tracker, name), alloc_ns))
+    with PagedSanitizer(mode="log", track_pages=track_pages) if sanitize else _null():
         for _ in range(steps):
-            before_calls, before_builds = len(call_ns), len(sched.stats.build_ns)
+            before_calls, before_builds, before_alloc = len(call_ns), len(sched.stats.build_ns), len(alloc_ns)
             sched.step()
             if len(sched.stats.build_ns) > before_builds:
                 per_step_calls.append(sum(call_ns[before_calls:]))
+                per_step_alloc.append(sum(alloc_ns[before_alloc:]))
                 builds.append(sched.stats.build_ns[-1])
                 rows.append(len(sched.running))
-    return per_step_calls, builds, rows
+    for name in ("on_alloc", "on_release", "on_clear", "stack_id"):
+        tracking.tracker.__dict__.pop(name, None)
+    return per_step_calls, builds, rows, per_step_alloc
+
+
+def _timed_method(method, out):
+    def timed(*args, **kwargs):
+        start = time.perf_counter_ns()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            out.append(time.perf_counter_ns() - start)
+    return timed
 
 
 class _null:
@@ -80,17 +101,23 @@ def main():
     print(f"SGLang 0.5.23 realistic sequence, {steps} scheduler steps per configuration, 2 layers "
           f"(2 checked calls) per step; medians per decode/verify step; CPU, torch threads = 1")
     print(f"{'configuration':<20} {'steps':>5} {'rows':>4} {'build us':>10} {'calls us':>9} "
-          f"{'calls+san us':>12} {'check us':>9} {'check/build':>11}")
+          f"{'calls+san us':>12} {'check us':>9} {'check/build':>11} {'track us':>9} {'shadow us':>10} "
+          f"{'(track+shadow)/build':>20}")
     for name, kwargs, draft in CONFIGS:
-        bare, build, rows = run(kwargs, draft, steps, sanitize=False)
-        san, build2, _ = run(kwargs, draft, steps, sanitize=True)
-        n = min(len(bare), len(san))
+        bare, build, rows, bare_alloc = run(kwargs, draft, steps, sanitize=False)
+        san, build2, _, _ = run(kwargs, draft, steps, sanitize=True)
+        tracked, build3, _, tracked_alloc = run(kwargs, draft, steps, sanitize=True, track_pages=True)
+        n = min(len(bare), len(san), len(tracked))
         check = [s - b for s, b in zip(san[:n], bare[:n])]
-        med_build = statistics.median(build + build2) / 1e3
+        track = [t - b for t, b in zip(tracked[:n], bare[:n])]
+        shadow = tracked_alloc[:n]
+        med_build = statistics.median(build + build2 + build3) / 1e3
         med_check = statistics.median(check) / 1e3
+        med_track, med_shadow = statistics.median(track) / 1e3, statistics.median(shadow) / 1e3
         print(f"{name:<20} {n:>5} {statistics.median(rows):>4.0f} {med_build:>10.0f} "
               f"{statistics.median(bare) / 1e3:>9.0f} {statistics.median(san) / 1e3:>12.0f} {med_check:>9.0f} "
-              f"{med_check / med_build:>11.3f}")
+              f"{med_check / med_build:>11.3f} {med_track:>9.0f} {med_shadow:>10.0f} "
+              f"{(med_track + med_shadow) / med_build:>20.3f}")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,41 @@ def bench(batch, ctx, kv):
         row["check_kernel_graph_us_notrap"] = gpu_loop_us(g_chk_nt.replay, n=200)
         g_empty = graph_of(lambda: b["seq_lens"].add_(0))
         row["tiny_kernel_graph_us"] = gpu_loop_us(g_empty.replay, n=200)
+        # the kernel alone, other launch shapes (entries per program, warps): what the plan's defaults cost
+        sweep = {}
+        for entries in (2048, 4096, 8192, 16384):
+            for warps in (4, 8):
+                p2 = device.make_plan(plan.rows, plan.width, plan.views, plan.page_size, plan.max_len, plan.region,
+                                      plan.window_left, plan.q_len, plan.len_unsigned, entries=entries,
+                                      num_warps=warps, guard_value=plan.guard_value)
+                g2 = graph_of(lambda: device.run_check(p2, table, b["seq_lens"], ring.words[4], sticky=1,
+                                                       action="guard", errs=0x7F, interpret=False))
+                sweep[f"{entries}/{warps}/grid{p2.grid}"] = round(gpu_loop_us(g2.replay, n=200), 2)
+        row["check_kernel_sweep_us"] = sweep
+        # PDL: xqa is launched with programmatic dependent launch; the check kernel signals it (ring.pdl)
+        # or not, and FlashInfer's enable_pdl on or off. Graph replays, GPU time per step.
+        pdl = {}
+        for enable_pdl in (True, False):
+            def bare_p(enable_pdl=enable_pdl):
+                decode(**b, out=out, enable_pdl=enable_pdl)
+            bare_p()
+            pdl[f"bare_pdl{int(enable_pdl)}"] = gpu_loop_us(graph_of(bare_p).replay, n=20)
+            for signal in (True, False):
+                ring.pdl = signal and device._pdl(table.device)
+                gs = graph_of(bare_p)
+                pdl[f"san_pdl{int(enable_pdl)}_signal{int(signal)}"] = gpu_loop_us(gs.replay, n=20)
+        ring.pdl = device._pdl(table.device)
+        for k in list(pdl):
+            if k.startswith("san_"):
+                pdl[k.replace("san_", "added_")] = round(pdl[k] - pdl["bare_pdl" + k[7]], 2)
+        row["pdl"] = pdl
+        # host time, piece by piece (check only: rule = bind-free rule call; device.check = launch path)
+        from tsan_paged.registry import Call
+        from tsan_paged.rules import flashinfer as fi_rules
+        call = Call(KERNEL, args, san.options)
+        row["host_rule_us"] = host_us(lambda: list(fi_rules.trtllm_batch_decode_with_kv_cache(call)), n=200)
+        row["host_device_check_us"] = host_us(lambda: device.check(KERNEL, plan, table, b["seq_lens"]), n=200)
+        row["host_launch_us"] = host_us(lambda: device.launch(ring, plan, table, b["seq_lens"], 1, 1, 2, 0x7F), n=200)
         if os.environ.get("PROFILE_HOST") and batch == 64 and ctx == 4096:
             import cProfile
             import io
@@ -200,6 +235,16 @@ def main():
     for r in rows:
         print(r["batch"], r["ctx"], round(r["check_kernel_graph_us"], 2), round(r["check_kernel_graph_us_runcheck"], 2),
               round(r["check_kernel_graph_us_notrap"], 2), round(r["tiny_kernel_graph_us"], 2))
+    print("check kernel sweep (entries/warps/grid: us in a graph):")
+    for r in rows:
+        print(r["batch"], r["ctx"], r["check_kernel_sweep_us"])
+    print("PDL (graph replay us; added = san - bare at the same enable_pdl):")
+    for r in rows:
+        print(r["batch"], r["ctx"], r["pdl"])
+    print("host us: whole check (_check_and_act) / rule / device.check / launch")
+    for r in rows:
+        print(r["batch"], r["ctx"], round(r["host_check_only_us"], 1), round(r["host_rule_us"], 1),
+              round(r["host_device_check_us"], 1), round(r["host_launch_us"], 1))
 
 
 if __name__ == "__main__":

@@ -61,16 +61,15 @@ def make_batch(batch=4, width=16, page_size=16, num_pages=200, v_pages=None, lay
     )
 
 
-def call_kernel(batch, kernel=None):
-    """Call the real FlashInfer entry point; True when the call reached FlashInfer itself.
+def reaches_flashinfer(fn) -> bool:
+    """Run ``fn``; True when the kernel call in it reached FlashInfer itself.
 
     FlashInfer cannot run on a CPU: when the sanitizer lets a call through, FlashInfer's own
     code refuses the CPU tensors (``ValueError: device must be a cuda device``). That error,
     raised from a frame inside the flashinfer package, proves the call got there.
     """
-    kernel = kernel or flashinfer.decode.trtllm_batch_decode_with_kv_cache
     try:
-        kernel(**batch)
+        fn()
     except (ValueError, RuntimeError) as exc:
         if type(exc).__name__ == "PageTableViolation":
             raise
@@ -78,8 +77,13 @@ def call_kernel(batch, kernel=None):
         while tb.tb_next is not None:
             tb = tb.tb_next
         assert f"{os.sep}flashinfer{os.sep}" in tb.tb_frame.f_code.co_filename, exc
-        return True
-    return True  # a GPU machine ran it
+    return True  # raised inside FlashInfer, or a GPU machine ran it
+
+
+def call_kernel(batch, kernel=None):
+    """Call the real FlashInfer entry point; True when the call reached FlashInfer itself."""
+    kernel = kernel or flashinfer.decode.trtllm_batch_decode_with_kv_cache
+    return reaches_flashinfer(lambda: kernel(**batch))
 
 
 def errors(sanitizer):

@@ -153,6 +153,21 @@ def test_sliding_window_region(window_left, q_len, page_size):
     assert any(v.check == "dead-page-out-of-range" for v in got)
 
 
+def test_sliding_window_tile_follows_the_xqa_kernel():
+    """fp8 KV on sm90 runs mha_sm90.cu (64-token tiles), else 256: the device plan uses the same tile."""
+    batch = make_batch(batch=2, width=40, page_size=16, num_pages=500, lengths=[600, 600], seed=3)
+    batch["kv_cache"] = tuple(t.to(torch.float8_e4m3fn) for t in batch["kv_cache"])
+    batch["window_left"] = 99  # S = 500 skipped tokens: first page 28 (64-token tiles) or 16 (256)
+    batch["block_tables"][0, 27] = 10**6
+    for capability, expected in (((9, 0), "dead-page-out-of-range"), (None, "page-out-of-range")):
+        torch_options, kernel_options = CheckOptions(cuda_capability=capability), CheckOptions(cuda_capability=capability)
+        kernel_options.device_interpret = True
+        rule = fi_rules.trtllm_batch_decode_with_kv_cache
+        expect = list(rule(Call(fi_rules.TRTLLM_DECODE, bind(batch), torch_options)))
+        got = list(rule(Call(fi_rules.TRTLLM_DECODE, bind(batch), kernel_options)))
+        assert [(v.check, v.index) for v in got] == [(v.check, v.index) for v in expect] == [(expected, (0, 27))]
+
+
 def test_trtllm_gen_whole_row_is_read():
     batch = make_batch(batch=3, width=8, page_size=16, num_pages=40, lengths=[16, 17, 100], seed=1)
     batch["block_tables"][0, 7] = 40  # past row 0's length: dead for xqa, read by trtllm-gen

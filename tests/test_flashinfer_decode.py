@@ -1,5 +1,8 @@
 """The built-in rule for trtllm_batch_decode_with_kv_cache, through the real FlashInfer entry point."""
 
+import inspect
+
+import flashinfer.decode
 import pytest
 import torch
 from hypothesis import given, settings, HealthCheck
@@ -45,7 +48,7 @@ def test_live_fault_caught_at_its_index(kv_form, shared, layout, bad):
             call_kernel(batch)
     found = info.value.violations
     assert [(v.check, v.index, v.value, v.bound) for v in found] == [("page-out-of-range", index, value, 50)]
-    assert san.reports[0].caller.startswith("tests/batches.py:") and san.reports[0].caller.endswith("in call_kernel")
+    assert san.reports[0].caller.startswith("tests/batches.py:")  # the line that called FlashInfer
 
 
 def test_page_size_comes_from_the_layouts_dimension():
@@ -150,27 +153,47 @@ def test_uint32_lengths_are_accepted():
 
 
 def test_sliding_window_read_region_xqa():
-    # page 16, window_left 99 (win 100), seq_len 250, q_len 1: S = 250 - 100 = 150 tokens
-    # skipped in tiles of 64 -> first token loaded 128 -> first page 8; last page 15.
-    batch = make_batch(lengths=[250, 250, 250, 250], width=16, page_size=16)
+    # bf16 KV (mha.cu, 256-token tiles); page 16, window_left 99 (win 100), seq_len 600, q_len 1:
+    # S = 600 - 100 = 500 tokens skipped in tiles of 256 -> first token 256 -> first page 16; last 37.
+    batch = make_batch(lengths=[600, 600, 600, 600], width=40, page_size=16)
     batch["window_left"] = 99
-    batch["block_tables"][0, 7] = 10**6   # before the window's first loaded tile: dead
-    batch["block_tables"][1, 8] = 10**6   # loaded (partly masked) tile: live
+    batch["block_tables"][0, 15] = 10**6   # before the first loaded tile: dead
+    batch["block_tables"][1, 16] = 10**6   # the loaded (partly masked) tile: live
     with PagedSanitizer(mode="raise") as san:
         with pytest.raises(PageTableViolation) as info:
             call_kernel(batch)
-    assert [(v.check, v.index) for v in info.value.violations] == [("page-out-of-range", (1, 8))]
-    assert [(v.check, v.index) for v in by_check(san, "dead-page-out-of-range")] == [("dead-page-out-of-range", (0, 7))]
+    assert [(v.check, v.index) for v in info.value.violations] == [("page-out-of-range", (1, 16))]
+    assert [(v.check, v.index) for v in by_check(san, "dead-page-out-of-range")] == [("dead-page-out-of-range", (0, 15))]
 
 
 def test_sliding_window_with_mtp_starts_earlier():
-    # q_len 3: S = 250 - 2 - 100 = 148 -> still first token 128 -> page 8; with q_len 30: S = 121 -> page 4
-    batch = make_batch(lengths=[250] * 2, width=16, page_size=16, q_len=30)
+    # q_len 250: S = 600 - 249 - 100 = 251 -> first token 0 -> page 0: every column up to 37 is read
+    batch = make_batch(lengths=[600] * 2, width=40, page_size=16, q_len=250)
     batch["window_left"] = 99
     batch["block_tables"][0, 4] = 10**6
     with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation) as info:
         call_kernel(batch)
     assert info.value.violations[0].index == (0, 4)
+
+
+def test_sliding_window_tile_of_the_hopper_fp8_kernel():
+    """fp8 KV on sm90 runs mha_sm90.cu (64-token tiles): S = 500 -> first token 448 -> page 28."""
+    from tsan_paged.registry import Call, CheckOptions
+    from tsan_paged.rules.flashinfer import TRTLLM_DECODE, trtllm_batch_decode_with_kv_cache as rule_fn
+
+    batch = make_batch(lengths=[600, 600], width=40, page_size=16)
+    batch["kv_cache"] = tuple(t.to(torch.float8_e4m3fn) for t in batch["kv_cache"])
+    batch["window_left"] = 99
+    batch["block_tables"][0, 27] = 10**6   # dead with 64-token tiles (live with 256)
+    batch["block_tables"][1, 28] = 10**6   # live
+    arguments = inspect.signature(flashinfer.decode.trtllm_batch_decode_with_kv_cache).bind(**batch)
+    arguments.apply_defaults()
+    def findings(capability):
+        found = rule_fn(Call(TRTLLM_DECODE, dict(arguments.arguments), CheckOptions(cuda_capability=capability)))
+        return sorted((v.check, v.index, v.count) for v in found)
+
+    assert findings((9, 0)) == [("dead-page-out-of-range", (0, 27), 1), ("page-out-of-range", (1, 28), 1)]
+    assert findings(None) == [("page-out-of-range", (0, 27), 2)]  # unknown GPU: 256-token tiles, both read
 
 
 def test_trtllm_gen_reads_the_whole_row():

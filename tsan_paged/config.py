@@ -15,6 +15,7 @@ dedup = true              # log each (op, check, caller) once; false: log every 
 device_path = "auto"      # CUDA tables (docs/gpu.md): auto | sync | deferred | torch
 device_action = "auto"    # device findings: auto (trap in abort mode, else guard) | none | trap | guard
 device_poll_s = 0.1       # deferred device records: snapshot at most this often (seconds)
+track_pages = false       # shadow SGLang's KV allocators: page-not-allocated, alloc-out-of-range (tracking.py)
 
 [checks]                  # per check id: "error" | "warning" | "off"
 "dead-page-out-of-range" = "error"
@@ -72,6 +73,7 @@ class Config:
     device_path: str = "auto"     # CUDA tables: auto | sync | deferred | torch (tsan_paged/device.py)
     device_action: str = "auto"   # on a device finding: auto | none | trap | guard
     device_poll_s: float = 0.1    # deferred device records: snapshot period, seconds
+    track_pages: bool = False     # shadow SGLang's KV allocators (tsan_paged/tracking.py)
     checks: dict = field(default_factory=dict)  # check id -> "error" | "warning" | "off"
     suppress: list = field(default_factory=list)  # [{"check"?, "op"?, "caller"?: glob}]
     rule: list = field(default_factory=list)  # [[rule]] tables: declarative rules (tsan_paged.declarative)
@@ -100,7 +102,8 @@ class Config:
 
 _TYPES = {"mode": str, "exit_code": int, "dump_dir": str, "max_dumps": int, "dump_on_log": bool,
           "max_reports": int, "report_dir": str, "dedup": bool, "checks": dict, "suppress": list, "rule": list,
-          "device_path": str, "device_action": str, "device_poll_s": (int, float)}
+          "device_path": str, "device_action": str, "device_poll_s": (int, float),
+          "track_pages": bool}
 DEVICE_PATHS = ("auto", "sync", "deferred", "torch")
 DEVICE_ACTIONS = ("auto", "none", "trap", "guard")
 _SUPPRESS_KEYS = ("check", "op", "caller")

@@ -76,6 +76,8 @@ from typing import Optional
 
 import torch
 
+from .callsite import caller_frame, describe
+
 try:  # Triton ships with torch on Linux; without it the device path is off (torch checks)
     import triton
     import triton.language as tl
@@ -108,7 +110,7 @@ INT32_MAX = 2**31 - 1
 
 ACTION_CODES = {"none": 0, "trap": 1, "guard": 2}
 REGION_XQA, REGION_END, REGION_ROW = 0, 1, 2
-XQA_TILE_TOKENS = 64
+XQA_TILE_TOKENS = 256  # default sliding-window tile (mha.cu); rules pass the kernel's own (64 for mha_sm90.cu)
 
 
 if triton is not None:
@@ -123,184 +125,255 @@ if triton is not None:
 
     def _check_kernel_src(table_ptr, lengths_ptr, slot_ptr,
                           R, W, ROW_STRIDE, VIEW1_OFF, NVIEWS,
-                          P0, P1, PAGE_SIZE, CAP, MAXLEN, REGION, WINDOW_LEFT, QLEN,
-                          LEN_UNSIGNED, STICKY, ACTION, ERR_MASK, GUARD,
-                          BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, TILE: tl.constexpr,
-                          TRAP_ENABLED: tl.constexpr):
-        """One program checks BLOCK_R whole rows (lengths, then every column of the table)."""
+                          P0, P1, PMIN, PAGE_SIZE, CAP, MAXLEN, REGION, WINDOW_LEFT, QLEN,
+                          LEN_UNSIGNED, STICKY, ACTION, ERR_MASK, GUARD, BLOCK_R,
+                          SUB_R: tl.constexpr, BLOCK_W: tl.constexpr, LBLOCK: tl.constexpr,
+                          FBLOCK: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr,
+                          TRAP_ENABLED: tl.constexpr, PDL: tl.constexpr):
+        """One program checks BLOCK_R whole rows: a fast pass, then (only if it saw anything) the full checks.
+
+        Fast pass: the program's lengths and its rows' table entries (one flat contiguous range) are
+        loaded once and OR-reduced to one "anything out of range" flag (entries against the smaller
+        page count; whether an entry is live does not matter: any bad entry is a finding of some
+        check). A clean program does no atomics (one ticket add when the grid has several programs)
+        and writes nothing but the launch counter. A program that saw something re-reads its rows
+        in [SUB_R, BLOCK_W] tiles and computes every check exactly (region, counts, first offending
+        entry, guard, trap), merging into the slot's scratch; the last program writes the record.
+        """
         pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < R
-        raw = tl.load(lengths_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        if LEN_UNSIGNED != 0:
-            lens = raw & 0xFFFFFFFF
-        else:
-            lens = raw
-        rows64 = rows.to(tl.int64)
-        low32 = lens & 0xFFFFFFFF
-
-        # -- lengths -----------------------------------------------------------------
-        neg = rmask & (lens < 0)
-        omax = rmask & (MAXLEN >= 0) & (lens > MAXLEN)
-        otab = rmask & (lens > CAP)
-        packed_len = (rows64 << 32) | low32
-        c_neg = tl.reduce(neg.to(tl.int64), None, tl.standard._sum_combine)
-        e_neg = tl.reduce(tl.where(neg, _K_BIG - packed_len, 0), None, tl.standard._elementwise_max)
-        c_max = tl.reduce(omax.to(tl.int64), None, tl.standard._sum_combine)
-        e_max = tl.reduce(tl.where(omax, _K_BIG - packed_len, 0), None, tl.standard._elementwise_max)
-        c_tab = tl.reduce(otab.to(tl.int64), None, tl.standard._sum_combine)
-        e_tab = tl.reduce(tl.where(otab, _K_BIG - packed_len, 0), None, tl.standard._elementwise_max)
-
-        # -- read region -------------------------------------------------------------
-        end = tl.minimum((tl.maximum(lens, 0) + PAGE_SIZE - 1) // PAGE_SIZE, W)
-        first = lens * 0
-        if REGION == 0:
-            if WINDOW_LEFT >= 0:
-                skipped = tl.maximum(lens - (QLEN - 1) - (WINDOW_LEFT + 1), 0)
-                first = (skipped // TILE * TILE) // PAGE_SIZE
-        if REGION == 2:
-            end = lens * 0 + W
-
-        g_p0 = (ACTION == 2) & (((ERR_MASK >> 0) & 1) != 0)
-        g_p1 = (ACTION == 2) & (((ERR_MASK >> 1) & 1) != 0)
-        g_d0 = (ACTION == 2) & (((ERR_MASK >> 2) & 1) != 0)
-        g_d1 = (ACTION == 2) & (((ERR_MASK >> 3) & 1) != 0)
+        nprog = tl.num_programs(0)
         zero = pid.to(tl.int64) * 0
-        c_p0 = zero
-        e_p0 = zero
-        c_p1 = zero
-        e_p1 = zero
-        c_d0 = zero
-        e_d0 = zero
-        c_d1 = zero
-        e_d1 = zero
-        for c0 in range(0, W, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            m = rmask[:, None] & (cols[None, :] < W)
-            live = (cols[None, :] >= first[:, None]) & (cols[None, :] < end[:, None])
-            lin = rows64[:, None] * W + cols[None, :]
-            ptrs = table_ptr + rows64[:, None] * ROW_STRIDE + cols[None, :]
-            vals = tl.load(ptrs, mask=m, other=0)
-            packed = (lin << 32) | (vals.to(tl.int64) & 0xFFFFFFFF)
-            bad = m & ((vals < 0) | (vals >= P0))
-            lb = bad & live
-            db = bad & (~live)
-            c_p0 += tl.reduce(lb.to(tl.int64), None, tl.standard._sum_combine)
-            e_p0 = tl.maximum(e_p0, tl.reduce(tl.where(lb, _K_BIG - packed, 0), None, tl.standard._elementwise_max))
-            c_d0 += tl.reduce(db.to(tl.int64), None, tl.standard._sum_combine)
-            e_d0 = tl.maximum(e_d0, tl.reduce(tl.where(db, _K_BIG - packed, 0), None, tl.standard._elementwise_max))
-            gmask = (lb & g_p0) | (db & g_d0)
-            if NVIEWS == 2:
-                ptrs1 = ptrs + VIEW1_OFF
-                vals1 = tl.load(ptrs1, mask=m, other=0)
-                packed1 = (lin << 32) | (vals1.to(tl.int64) & 0xFFFFFFFF)
-                bad1 = m & ((vals1 < 0) | (vals1 >= P1))
-                lb1 = bad1 & live
-                db1 = bad1 & (~live)
-                c_p1 += tl.reduce(lb1.to(tl.int64), None, tl.standard._sum_combine)
-                e_p1 = tl.maximum(e_p1, tl.reduce(tl.where(lb1, _K_BIG - packed1, 0), None, tl.standard._elementwise_max))
-                c_d1 += tl.reduce(db1.to(tl.int64), None, tl.standard._sum_combine)
-                e_d1 = tl.maximum(e_d1, tl.reduce(tl.where(db1, _K_BIG - packed1, 0), None, tl.standard._elementwise_max))
-                gmask1 = (lb1 & g_p1) | (db1 & g_d1)
-                if VIEW1_OFF == 0:  # K and V read the same table: guard once
-                    gmask = gmask | gmask1
+        r0 = pid * BLOCK_R
+        # -- fast pass: lengths ----------------------------------------------------------
+        lidx = tl.arange(0, LBLOCK)
+        lrows = r0 + lidx
+        lmask = (lidx < BLOCK_R) & (lrows < R)
+        l32 = tl.load(lengths_ptr + lrows, mask=lmask, other=0)
+        lflag = lmask & ((l32 < 0) | (l32 > CAP) | ((MAXLEN >= 0) & (l32 > MAXLEN)))
+        acc_l = lflag.to(tl.int32)
+        # -- fast pass: the rows' entries, one contiguous range ---------------------------
+        start = r0.to(tl.int64) * ROW_STRIDE
+        stop = tl.minimum(start + BLOCK_R * ROW_STRIDE, R.to(tl.int64) * ROW_STRIDE)
+        start = start // ALIGN * ALIGN  # no-ops (the host checked): tell the compiler 16-byte loads are safe
+        stop = stop // ALIGN * ALIGN
+        acc = tl.zeros([FBLOCK], dtype=tl.int32)
+        for off in range(start, stop, FBLOCK):
+            idx = off + tl.arange(0, FBLOCK)
+            v = tl.load(table_ptr + idx, mask=idx < stop, other=0)
+            acc = acc | ((v < 0) | (v >= PMIN)).to(tl.int32)
+        flag = tl.reduce(acc, None, tl.standard._elementwise_max) | tl.reduce(acc_l, None,
+                                                                             tl.standard._elementwise_max)
+
+        mask_bits = zero
+        if flag != 0:
+            # -- slow path: every check, exactly (this program only) ----------------------
+            g_p0 = (ACTION == 2) & (((ERR_MASK >> 0) & 1) != 0)
+            g_p1 = (ACTION == 2) & (((ERR_MASK >> 1) & 1) != 0)
+            g_d0 = (ACTION == 2) & (((ERR_MASK >> 2) & 1) != 0)
+            g_d1 = (ACTION == 2) & (((ERR_MASK >> 3) & 1) != 0)
+            c_neg = zero
+            e_neg = zero
+            c_max = zero
+            e_max = zero
+            c_tab = zero
+            e_tab = zero
+            c_p0 = zero
+            e_p0 = zero
+            c_p1 = zero
+            e_p1 = zero
+            c_d0 = zero
+            e_d0 = zero
+            c_d1 = zero
+            e_d1 = zero
+            r_end = tl.minimum(r0 + BLOCK_R, R)
+            for rs in range(r0, r_end, SUB_R):
+                rows = rs + tl.arange(0, SUB_R)
+                rmask = rows < r_end
+                raw = tl.load(lengths_ptr + rows, mask=rmask, other=0).to(tl.int64)
+                if LEN_UNSIGNED != 0:
+                    lens = raw & 0xFFFFFFFF
                 else:
-                    tl.store(ptrs1, tl.where(gmask1, GUARD, vals1), mask=gmask1)
-            tl.store(ptrs, tl.where(gmask, GUARD, vals), mask=gmask)
+                    lens = raw
+                rows64 = rows.to(tl.int64)
+                low32 = lens & 0xFFFFFFFF
 
-        if ACTION == 2:  # clamp offending lengths (after the region was computed from them)
-            fixed = lens
-            if ((ERR_MASK >> 5) & 1) != 0:
-                fixed = tl.where(omax, tl.minimum(fixed, MAXLEN), fixed)
-            if ((ERR_MASK >> 6) & 1) != 0:
-                fixed = tl.where(otab, tl.minimum(fixed, CAP), fixed)
-            if ((ERR_MASK >> 4) & 1) != 0:
-                fixed = tl.where(neg, 0, fixed)
-            tl.store(lengths_ptr + rows, fixed.to(tl.int32), mask=rmask & (fixed != lens))
+                # lengths
+                neg = rmask & (lens < 0)
+                omax = rmask & (MAXLEN >= 0) & (lens > MAXLEN)
+                otab = rmask & (lens > CAP)
+                packed_len = (rows64 << 32) | low32
+                c_neg += tl.reduce(neg.to(tl.int64), None, tl.standard._sum_combine)
+                e_neg = tl.maximum(e_neg, tl.reduce(tl.where(neg, _K_BIG - packed_len, 0), None,
+                                                    tl.standard._elementwise_max))
+                c_max += tl.reduce(omax.to(tl.int64), None, tl.standard._sum_combine)
+                e_max = tl.maximum(e_max, tl.reduce(tl.where(omax, _K_BIG - packed_len, 0), None,
+                                                    tl.standard._elementwise_max))
+                c_tab += tl.reduce(otab.to(tl.int64), None, tl.standard._sum_combine)
+                e_tab = tl.maximum(e_tab, tl.reduce(tl.where(otab, _K_BIG - packed_len, 0), None,
+                                                    tl.standard._elementwise_max))
 
-        # -- this program's findings into the slot's scratch --------------------------
-        mask_bits = ((c_p0 > 0).to(tl.int64) | ((c_p1 > 0).to(tl.int64) << 1) | ((c_d0 > 0).to(tl.int64) << 2)
-                     | ((c_d1 > 0).to(tl.int64) << 3) | ((c_neg > 0).to(tl.int64) << 4)
-                     | ((c_max > 0).to(tl.int64) << 5) | ((c_tab > 0).to(tl.int64) << 6))
-        if mask_bits != 0:
-            if TRAP_ENABLED:
-                if (ACTION == 1) & ((mask_bits & ERR_MASK) != 0):
-                    claim = tl.atomic_cas(slot_ptr + _K_TRAP_CLAIM, zero, zero + 1)
-                    tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [pid], dtype=tl.int32,
-                                                    is_pure=True, pack=1)
-                    if (claim == 0) & (tid == 0):
-                        err = mask_bits & ERR_MASK
-                        which = tl.where((err & 1) != 0, 0, tl.where((err & 2) != 0, 1, tl.where(
-                            (err & 4) != 0, 2, tl.where((err & 8) != 0, 3, tl.where(
-                                (err & 16) != 0, 4, tl.where((err & 32) != 0, 5, 6))))))
-                        enc = tl.where(which == 0, e_p0, tl.where(which == 1, e_p1, tl.where(
-                            which == 2, e_d0, tl.where(which == 3, e_d1, tl.where(
-                                which == 4, e_neg, tl.where(which == 5, e_max, e_tab))))))
-                        p = _K_BIG - enc
-                        where = p >> 32
-                        value = (p & 0xFFFFFFFF).to(tl.int32)
-                        row = tl.where(which < 4, where // W, where)
-                        col = tl.where(which < 4, where % W, -1)
-                        bound = tl.where((which == 0) | (which == 2), P0, tl.where(which < 4, P1, tl.where(
-                            which == 4, 0, tl.where(which == 5, MAXLEN, CAP))))
-                        tl.device_print("tsan_paged trap: check view row col value bound", which, row, col,
-                                        value, bound)
-                        tl.inline_asm_elementwise("trap;", "=r,r", [pid], dtype=tl.int32, is_pure=False, pack=1)
-            tl.atomic_or(slot_ptr + _K_FOUND_MASK, mask_bits)
-            if c_p0 > 0:
-                tl.atomic_add(slot_ptr + _K_SCRATCH + 0, c_p0)
-                tl.atomic_max(slot_ptr + _K_SCRATCH + 1, e_p0)
-            if c_p1 > 0:
-                tl.atomic_add(slot_ptr + _K_SCRATCH + 2, c_p1)
-                tl.atomic_max(slot_ptr + _K_SCRATCH + 3, e_p1)
-            if c_d0 > 0:
-                tl.atomic_add(slot_ptr + _K_SCRATCH + 4, c_d0)
-                tl.atomic_max(slot_ptr + _K_SCRATCH + 5, e_d0)
-            if c_d1 > 0:
-                tl.atomic_add(slot_ptr + _K_SCRATCH + 6, c_d1)
-                tl.atomic_max(slot_ptr + _K_SCRATCH + 7, e_d1)
-            if c_neg > 0:
-                tl.atomic_add(slot_ptr + _K_SCRATCH + 8, c_neg)
-                tl.atomic_max(slot_ptr + _K_SCRATCH + 9, e_neg)
-            if c_max > 0:
-                tl.atomic_add(slot_ptr + _K_SCRATCH + 10, c_max)
-                tl.atomic_max(slot_ptr + _K_SCRATCH + 11, e_max)
-            if c_tab > 0:
-                tl.atomic_add(slot_ptr + _K_SCRATCH + 12, c_tab)
-                tl.atomic_max(slot_ptr + _K_SCRATCH + 13, e_tab)
+                # read region
+                end = tl.minimum((tl.maximum(lens, 0) + PAGE_SIZE - 1) // PAGE_SIZE, W)
+                first = lens * 0
+                if REGION == 0:
+                    if WINDOW_LEFT >= 0:
+                        skipped = tl.maximum(lens - (QLEN - 1) - (WINDOW_LEFT + 1), 0)
+                        first = (skipped // TILE * TILE) // PAGE_SIZE
+                if REGION == 2:
+                    end = lens * 0 + W
 
-        # -- the last program to finish writes the record and resets the scratch ------
-        ticket = tl.atomic_add(slot_ptr + _K_TICKET, 1)
-        if ticket == tl.num_programs(0) - 1:
-            found = tl.atomic_xchg(slot_ptr + _K_FOUND_MASK, 0)
-            tl.atomic_add(slot_ptr + _K_CALLS, 1)
-            if found != 0:
-                tl.atomic_add(slot_ptr + _K_HIT_CALLS, 1)
-            for c in tl.static_range(7):
-                rec = slot_ptr + _K_RECORD + 4 * c
-                if ((found >> c) & 1) != 0:
-                    cnt = tl.atomic_xchg(slot_ptr + _K_SCRATCH + 2 * c, 0)
-                    enc = tl.atomic_xchg(slot_ptr + _K_SCRATCH + 2 * c + 1, 0)
-                    if c == 0 or c == 2:
-                        bnd = P0
-                    elif c == 1 or c == 3:
-                        bnd = P1
-                    elif c == 4:
-                        bnd = P0 * 0
-                    elif c == 5:
-                        bnd = MAXLEN
-                    else:
-                        bnd = CAP
-                    hits = tl.load(rec)
-                    if (STICKY == 0) | (hits == 0):
-                        tl.store(rec + 1, cnt)
-                        tl.store(rec + 2, enc)
-                        tl.store(rec + 3, bnd.to(tl.int64))
-                    tl.atomic_xchg(rec, hits + 1)  # last: a flag seen set has its fields written
-                elif STICKY == 0:
-                    tl.store(rec + 1, 0)
-                    tl.store(rec, 0)
-            tl.atomic_xchg(slot_ptr + _K_TICKET, 0)
+                for c0 in range(0, W, BLOCK_W):
+                    cols = c0 + tl.arange(0, BLOCK_W)
+                    m = rmask[:, None] & (cols[None, :] < W)
+                    live = (cols[None, :] >= first[:, None]) & (cols[None, :] < end[:, None])
+                    lin = rows64[:, None] * W + cols[None, :]
+                    ptrs = table_ptr + rows64[:, None] * ROW_STRIDE + cols[None, :]
+                    vals = tl.load(ptrs, mask=m, other=0)
+                    packed = (lin << 32) | (vals.to(tl.int64) & 0xFFFFFFFF)
+                    bad = m & ((vals < 0) | (vals >= P0))
+                    lb = bad & live
+                    db = bad & (~live)
+                    c_p0 += tl.reduce(lb.to(tl.int64), None, tl.standard._sum_combine)
+                    e_p0 = tl.maximum(e_p0, tl.reduce(tl.where(lb, _K_BIG - packed, 0), None,
+                                                      tl.standard._elementwise_max))
+                    c_d0 += tl.reduce(db.to(tl.int64), None, tl.standard._sum_combine)
+                    e_d0 = tl.maximum(e_d0, tl.reduce(tl.where(db, _K_BIG - packed, 0), None,
+                                                      tl.standard._elementwise_max))
+                    gmask = (lb & g_p0) | (db & g_d0)
+                    if NVIEWS == 2:
+                        ptrs1 = ptrs + VIEW1_OFF
+                        vals1 = tl.load(ptrs1, mask=m, other=0)
+                        packed1 = (lin << 32) | (vals1.to(tl.int64) & 0xFFFFFFFF)
+                        bad1 = m & ((vals1 < 0) | (vals1 >= P1))
+                        lb1 = bad1 & live
+                        db1 = bad1 & (~live)
+                        c_p1 += tl.reduce(lb1.to(tl.int64), None, tl.standard._sum_combine)
+                        e_p1 = tl.maximum(e_p1, tl.reduce(tl.where(lb1, _K_BIG - packed1, 0), None,
+                                                          tl.standard._elementwise_max))
+                        c_d1 += tl.reduce(db1.to(tl.int64), None, tl.standard._sum_combine)
+                        e_d1 = tl.maximum(e_d1, tl.reduce(tl.where(db1, _K_BIG - packed1, 0), None,
+                                                          tl.standard._elementwise_max))
+                        gmask1 = (lb1 & g_p1) | (db1 & g_d1)
+                        if VIEW1_OFF == 0:  # K and V read the same table: guard once
+                            gmask = gmask | gmask1
+                        else:
+                            tl.store(ptrs1, tl.where(gmask1, GUARD, vals1), mask=gmask1)
+                    tl.store(ptrs, tl.where(gmask, GUARD, vals), mask=gmask)
+
+                if ACTION == 2:  # clamp offending lengths (after the region was computed from them)
+                    fixed = lens
+                    if ((ERR_MASK >> 5) & 1) != 0:
+                        fixed = tl.where(omax, tl.minimum(fixed, MAXLEN), fixed)
+                    if ((ERR_MASK >> 6) & 1) != 0:
+                        fixed = tl.where(otab, tl.minimum(fixed, CAP), fixed)
+                    if ((ERR_MASK >> 4) & 1) != 0:
+                        fixed = tl.where(neg, 0, fixed)
+                    tl.store(lengths_ptr + rows, fixed.to(tl.int32), mask=rmask & (fixed != lens))
+
+            # this program's findings into the slot's scratch
+            mask_bits = ((c_p0 > 0).to(tl.int64) | ((c_p1 > 0).to(tl.int64) << 1)
+                         | ((c_d0 > 0).to(tl.int64) << 2) | ((c_d1 > 0).to(tl.int64) << 3)
+                         | ((c_neg > 0).to(tl.int64) << 4) | ((c_max > 0).to(tl.int64) << 5)
+                         | ((c_tab > 0).to(tl.int64) << 6))
+            if mask_bits != 0:
+                if TRAP_ENABLED:
+                    if (ACTION == 1) & ((mask_bits & ERR_MASK) != 0):
+                        claim = tl.atomic_cas(slot_ptr + _K_TRAP_CLAIM, zero, zero + 1)
+                        tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [pid], dtype=tl.int32,
+                                                        is_pure=True, pack=1)
+                        if (claim == 0) & (tid == 0):
+                            err = mask_bits & ERR_MASK
+                            which = tl.where((err & 1) != 0, 0, tl.where((err & 2) != 0, 1, tl.where(
+                                (err & 4) != 0, 2, tl.where((err & 8) != 0, 3, tl.where(
+                                    (err & 16) != 0, 4, tl.where((err & 32) != 0, 5, 6))))))
+                            enc = tl.where(which == 0, e_p0, tl.where(which == 1, e_p1, tl.where(
+                                which == 2, e_d0, tl.where(which == 3, e_d1, tl.where(
+                                    which == 4, e_neg, tl.where(which == 5, e_max, e_tab))))))
+                            p = _K_BIG - enc
+                            where = p >> 32
+                            value = (p & 0xFFFFFFFF).to(tl.int32)
+                            row = tl.where(which < 4, where // W, where)
+                            col = tl.where(which < 4, where % W, -1)
+                            bound = tl.where((which == 0) | (which == 2), P0, tl.where(which < 4, P1, tl.where(
+                                which == 4, 0, tl.where(which == 5, MAXLEN, CAP))))
+                            tl.device_print("tsan_paged trap: check view row col value bound", which, row, col,
+                                            value, bound)
+                            tl.inline_asm_elementwise("trap;", "=r,r", [pid], dtype=tl.int32, is_pure=False,
+                                                      pack=1)
+                tl.atomic_or(slot_ptr + _K_FOUND_MASK, mask_bits)
+                if c_p0 > 0:
+                    tl.atomic_add(slot_ptr + _K_SCRATCH + 0, c_p0)
+                    tl.atomic_max(slot_ptr + _K_SCRATCH + 1, e_p0)
+                if c_p1 > 0:
+                    tl.atomic_add(slot_ptr + _K_SCRATCH + 2, c_p1)
+                    tl.atomic_max(slot_ptr + _K_SCRATCH + 3, e_p1)
+                if c_d0 > 0:
+                    tl.atomic_add(slot_ptr + _K_SCRATCH + 4, c_d0)
+                    tl.atomic_max(slot_ptr + _K_SCRATCH + 5, e_d0)
+                if c_d1 > 0:
+                    tl.atomic_add(slot_ptr + _K_SCRATCH + 6, c_d1)
+                    tl.atomic_max(slot_ptr + _K_SCRATCH + 7, e_d1)
+                if c_neg > 0:
+                    tl.atomic_add(slot_ptr + _K_SCRATCH + 8, c_neg)
+                    tl.atomic_max(slot_ptr + _K_SCRATCH + 9, e_neg)
+                if c_max > 0:
+                    tl.atomic_add(slot_ptr + _K_SCRATCH + 10, c_max)
+                    tl.atomic_max(slot_ptr + _K_SCRATCH + 11, e_max)
+                if c_tab > 0:
+                    tl.atomic_add(slot_ptr + _K_SCRATCH + 12, c_tab)
+                    tl.atomic_max(slot_ptr + _K_SCRATCH + 13, e_tab)
+            if PDL:  # the guard's stores reach the GPU before the dependent kernel may start
+                tl.debug_barrier()
+                tl.inline_asm_elementwise("fence.acq_rel.gpu;", "=r,r", [pid], dtype=tl.int32, is_pure=False,
+                                          pack=1)
+
+        if PDL:
+            # Programmatic dependent launch (xqa is launched with it): this program wrote all that the
+            # attention kernel reads; it may start launching (it still waits for our grid with
+            # griddepcontrol.wait before reading anything, in mha.cu).
+            tl.inline_asm_elementwise("griddepcontrol.launch_dependents;", "=r,r", [pid], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+        # -- record: the last program to finish (the only one, for a single-program grid) ------
+        # The ticket's low 32 bits count programs, the high bits programs that found something.
+        ticket = zero
+        if nprog > 1:
+            ticket = tl.atomic_add(slot_ptr + _K_TICKET, 1 + ((mask_bits != 0).to(tl.int64) << 32))
+        if (ticket & 0xFFFFFFFF) == nprog - 1:
+            tl.atomic_add(slot_ptr + _K_CALLS, 1, sem="relaxed")
+            if ((ticket >> 32) != 0) | (mask_bits != 0):
+                found = tl.atomic_xchg(slot_ptr + _K_FOUND_MASK, 0)
+                tl.atomic_add(slot_ptr + _K_HIT_CALLS, 1, sem="relaxed")
+                for c in tl.static_range(7):
+                    rec = slot_ptr + _K_RECORD + 4 * c
+                    if ((found >> c) & 1) != 0:
+                        cnt = tl.atomic_xchg(slot_ptr + _K_SCRATCH + 2 * c, 0)
+                        enc = tl.atomic_xchg(slot_ptr + _K_SCRATCH + 2 * c + 1, 0)
+                        if c == 0 or c == 2:
+                            bnd = P0
+                        elif c == 1 or c == 3:
+                            bnd = P1
+                        elif c == 4:
+                            bnd = P0 * 0
+                        elif c == 5:
+                            bnd = MAXLEN
+                        else:
+                            bnd = CAP
+                        hits = tl.load(rec)
+                        if (STICKY == 0) | (hits == 0):
+                            tl.store(rec + 1, cnt)
+                            tl.store(rec + 2, enc)
+                            tl.store(rec + 3, bnd.to(tl.int64))
+                        tl.atomic_xchg(rec, hits + 1)  # last: a flag seen set has its fields written
+                    elif STICKY == 0:
+                        tl.store(rec + 1, zero)
+                        tl.store(rec, zero)
+            elif STICKY == 0:  # a clean launch of the sync path: no findings in the record
+                for c in tl.static_range(7):
+                    tl.store(slot_ptr + _K_RECORD + 4 * c + 1, zero)
+                    tl.store(slot_ptr + _K_RECORD + 4 * c, zero)
+            if nprog > 1:
+                tl.store(slot_ptr + _K_TICKET, zero)
 
     _KERNELS: dict = {}
 
@@ -313,7 +386,7 @@ if triton is not None:
 
                 kernel = InterpretedFunction(_check_kernel_src)
             else:
-                kernel = triton.jit(_check_kernel_src, do_not_specialize=list(range(3, 21)))
+                kernel = triton.jit(_check_kernel_src, do_not_specialize=list(range(3, 23)))
             _KERNELS[interpret] = kernel
         return kernel
 
@@ -353,10 +426,17 @@ class Plan:
     len_unsigned: bool
     sparse_batch: Optional[int] = None  # [H, B, W] tables: report (h, b[, col])
     guard_value: int = -1
+    tile: int = XQA_TILE_TOKENS  # xqa skips whole leading tiles of this many tokens under a window
     key: tuple = ()
-    block_r: int = 1
-    block_w: int = 16
+    block_r: int = 1       # rows per program
+    block_w: int = 16      # slow path tile: [sub_r, block_w]
     grid: int = 1
+    sub_r: int = 1
+    lblock: int = 1        # fast pass: lengths per program (power of 2 >= block_r)
+    fblock: int = 128      # fast pass: entries per load step
+    align: int = 1         # 4 when every program's entry range starts and ends on a 16-byte boundary
+    num_warps: int = 4
+    tails: dict = field(default_factory=dict)  # (sticky, action, errs, align) -> launch args after the pointers
 
     def index_of(self, r: int, c: int, view: int) -> tuple:
         if self.sparse_batch:
@@ -370,34 +450,57 @@ class Plan:
 
 def make_plan(rows: int, width: int, views: list, page_size: int, max_len, region: int, window_left,
               q_len: int, len_unsigned: bool, *, kv_split: bool = False, sparse_batch=None,
-              guard_value: int = -1) -> Plan:
+              guard_value: int = -1, entries: Optional[int] = None, num_warps: Optional[int] = None,
+              tile: int = XQA_TILE_TOKENS) -> Plan:
     block_w = 16
     while block_w < width and block_w < 512:
         block_w *= 2
-    block_r = max(1, min(2048 // block_w, triton.next_power_of_2(max(rows, 1)) if triton else 1))
-    return Plan(rows=rows, width=width, row_stride=2 * width if kv_split else width,
+    pow2 = triton.next_power_of_2 if triton else (lambda n: 1 << max(0, int(n) - 1).bit_length())
+    rows = max(rows, 0)
+    row_stride = 2 * width if kv_split else width
+    # Fast pass: ~PROGRAM_ENTRIES entries and at most MAX_ROWS rows per program, spread evenly.
+    per_program = max(1, min(MAX_ROWS, (entries or PROGRAM_ENTRIES) // max(row_stride, 1)))
+    grid = max(1, -(-rows // per_program))
+    block_r = max(1, -(-rows // grid))
+    sub_r = max(1, min(2048 // block_w, pow2(block_r)))
+    span = block_r * row_stride
+    return Plan(rows=rows, width=width, row_stride=row_stride,
                 view1_off=width if kv_split else 0, views=views, page_size=page_size,
                 capacity=width * page_size, max_len=max_len, region=region,
                 window_left=-1 if window_left is None else int(window_left), q_len=int(q_len),
-                len_unsigned=len_unsigned, sparse_batch=sparse_batch, guard_value=guard_value,
-                block_r=block_r, block_w=block_w, grid=max(1, -(-rows // block_r)))
+                len_unsigned=len_unsigned, sparse_batch=sparse_batch, guard_value=guard_value, tile=tile,
+                block_r=block_r, block_w=block_w, grid=grid, sub_r=sub_r, lblock=pow2(block_r),
+                fblock=min(FBLOCK_MAX, max(128, pow2(span))),
+                align=4 if span % 4 == 0 and (rows * row_stride) % 4 == 0 else 1,
+                num_warps=num_warps or NUM_WARPS)
+
+
+PROGRAM_ENTRIES = int(os.environ.get("TSAN_PAGED_PROGRAM_ENTRIES", "8192"))
+MAX_ROWS = 128
+FBLOCK_MAX = 8192
+NUM_WARPS = int(os.environ.get("TSAN_PAGED_NUM_WARPS", "4"))
+# Signal programmatic dependent launch (sm90+) at the end of the check: xqa is launched with PDL.
+PDL = os.environ.get("TSAN_PAGED_PDL", "1") != "0"
 
 
 _PLANS: dict = {}
+RULE_PLANS: dict = {}  # a rule's own plan cache (keyed on its argument form; rules/flashinfer.py _device_checks)
 _ERRS: dict = {}  # id(config) -> (config, err_mask)
 
 
 def plan_for(rows: int, width: int, views: tuple, page_size: int, max_len, region: int, window_left, q_len: int,
-             len_unsigned: bool, kv_split: bool = False, sparse_batch=None, guard_value: int = -1) -> Plan:
+             len_unsigned: bool, kv_split: bool = False, sparse_batch=None, guard_value: int = -1,
+             tile: int = XQA_TILE_TOKENS) -> Plan:
     """:func:`make_plan`, cached on its arguments (a decode loop builds one plan per table form)."""
     key = (rows, width, views, page_size, max_len, region, window_left, q_len, len_unsigned, kv_split,
-           sparse_batch, guard_value)
+           sparse_batch, guard_value, tile)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
         plan = make_plan(rows, width, [View(*v) for v in views], page_size, max_len, region, window_left, q_len,
-                         len_unsigned, kv_split=kv_split, sparse_batch=sparse_batch, guard_value=guard_value)
+                         len_unsigned, kv_split=kv_split, sparse_batch=sparse_batch, guard_value=guard_value,
+                         tile=tile)
         plan.key = key
         _PLANS[key] = plan
     return plan
@@ -426,18 +529,34 @@ def err_mask(severity) -> int:
     return sum(1 << c for c in range(NCHECKS) if severity(CHECK_IDS[c]) == "error")
 
 
-def _args(plan: Plan, table, lengths, slot, sticky: int, action: int, errs: int, trap_enabled: bool) -> tuple:
-    views = plan.views
-    max_len = min(plan.max_len, INT32_MAX) if plan.max_len is not None else -1
-    return (table, lengths, slot, plan.rows, plan.width, plan.row_stride, plan.view1_off, len(views),
-            views[0].num_pages, views[-1].num_pages, plan.page_size, plan.capacity, max_len, plan.region,
-            plan.window_left, plan.q_len, int(plan.len_unsigned), sticky, action, errs, plan.guard_value,
-            plan.block_r, plan.block_w, XQA_TILE_TOKENS, trap_enabled)
+def _tail(plan: Plan, sticky: int, action: int, errs: int, align: int, trap_enabled: bool, pdl: bool) -> tuple:
+    """The kernel's arguments after the three pointers (cached per plan: they only depend on it)."""
+    key = (sticky, action, errs, align, trap_enabled, pdl)
+    tail = plan.tails.get(key)
+    if tail is None:
+        views = plan.views
+        max_len = min(plan.max_len, INT32_MAX) if plan.max_len is not None else -1
+        p0, p1 = views[0].num_pages, views[-1].num_pages
+        tail = plan.tails[key] = (
+            plan.rows, plan.width, plan.row_stride, plan.view1_off, len(views), p0, p1, min(p0, p1),
+            plan.page_size, plan.capacity, max_len, plan.region, plan.window_left, plan.q_len,
+            int(plan.len_unsigned), sticky, action, errs, plan.guard_value, plan.block_r,
+            plan.sub_r, plan.block_w, plan.lblock, plan.fblock, align, plan.tile, trap_enabled, pdl)
+    return tail
+
+
+def _args(plan: Plan, table, lengths, slot, sticky: int, action: int, errs: int, trap_enabled: bool,
+          align: int = 1, pdl: bool = False) -> tuple:
+    return (table, lengths, slot) + _tail(plan, sticky, action, errs, align, trap_enabled, pdl)
+
+
+def _pdl(device) -> bool:
+    return PDL and capability(device)[0] >= 9
 
 
 def run_check(plan: Plan, table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, *, sticky: int = 0,
               action: str = "none", errs: int = 0, interpret: Optional[bool] = None,
-              trap_enabled: Optional[bool] = None) -> None:
+              trap_enabled: Optional[bool] = None, pdl: Optional[bool] = None) -> None:
     """Launch the check kernel once (the slow, general launcher: tests and first calls)."""
     if interpret is None:
         interpret = table.device.type != "cuda"
@@ -445,10 +564,15 @@ def run_check(plan: Plan, table: torch.Tensor, lengths: torch.Tensor, slot: torc
         lengths = lengths.view(torch.int32)
     kernel = _kernel(interpret)
     trap_enabled = (not interpret) if trap_enabled is None else trap_enabled
-    args = _args(plan, table, lengths, slot, sticky, ACTION_CODES[action], errs, trap_enabled)
+    if interpret:
+        pdl = False
+    elif pdl is None:
+        pdl = _pdl(table.device)
+    align = plan.align if table.data_ptr() % 16 == 0 else 1
+    args = _args(plan, table, lengths, slot, sticky, ACTION_CODES[action], errs, trap_enabled, align, pdl)
     if interpret:
         return kernel[(plan.grid,)](*args)
-    return kernel[(plan.grid,)](*args, num_warps=4)
+    return kernel[(plan.grid,)](*args, num_warps=plan.num_warps)
 
 
 def decode(plan: Plan, words, *, previous_hits=None) -> list:
@@ -524,8 +648,11 @@ class Ring:
         self.event: Optional[torch.cuda.Event] = None
         self.snap_slots = 0
         self.last_snapshot = 0.0
-        self.launchers: dict = {}  # (block_w, block_r, aligned) -> compiled kernel
+        self.launchers: dict = {}  # constexprs + pointer alignment -> compiled kernel
         self.base = self.words.data_ptr()
+        self.index = device.index
+        self.stream_of = torch._C._cuda_getCurrentRawStream
+        self.pdl = _pdl(device)
 
     def slot_ptr(self, slot: int) -> int:
         return self.base + slot * SLOT_WORDS * 8
@@ -536,7 +663,6 @@ _rings: dict = {}  # device index -> Ring
 _capability: dict = {}
 _warned: set = set()
 _replay_patch = None  # (class, original replay)
-_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def ring_for(device: torch.device, create: bool = True) -> Optional[Ring]:
@@ -570,31 +696,39 @@ def prepare(device: torch.device) -> None:
 def launch(ring: Ring, plan: Plan, table: torch.Tensor, lengths: torch.Tensor, slot: int, sticky: int,
            action: int, errs: int) -> None:
     """Launch through a pre-bound compiled handle (no Triton Python launcher on the hot path)."""
+    tptr = table.data_ptr()
+    lptr = lengths.data_ptr()
+    align = plan.align if tptr % 16 == 0 else 1
+    key = (plan.block_w, plan.sub_r, plan.lblock, plan.fblock, plan.num_warps, align, tptr % 16 == 0, lptr % 16 == 0,
+           ring.pdl)
+    compiled = ring.launchers.get(key)
+    tail = _tail(plan, sticky, action, errs, align, True, ring.pdl)
+    if compiled is not None:
+        compiled.run(plan.grid, 1, 1, ring.stream_of(ring.index), compiled.function, compiled.packed_metadata,
+                     None, None, None, tptr, lptr, ring.base + slot * SLOT_WORDS * 8, *tail)
+        return
     if lengths.dtype != torch.int32:
         lengths = lengths.view(torch.int32)
-    tptr, lptr = table.data_ptr(), lengths.data_ptr()
-    key = (plan.block_w, plan.block_r, tptr % 16 == 0, lptr % 16 == 0)
-    compiled = ring.launchers.get(key)
-    args = _args(plan, tptr, lptr, ring.slot_ptr(slot), sticky, action, errs, True)
-    if compiled is not None:
-        stream = torch._C._cuda_getCurrentRawStream(ring.device.index)
-        compiled.run(plan.grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
-        return
-    slot_view = ring.words[slot]
-    compiled = _kernel(False)[(plan.grid,)](table, lengths, slot_view, *args[3:], num_warps=4)
+    compiled = _kernel(False)[(plan.grid,)](table, lengths, ring.words[slot], *tail, num_warps=plan.num_warps)
     if getattr(compiled, "packed_metadata", None) is not None and hasattr(compiled, "function"):
         ring.launchers[key] = compiled
 
 
+_mods: list = []  # (sanitizer module, interposer), imported on the first check
+
+
 def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tensor):
     """Check one call on the device. Returns the findings (sync path) or ``[]`` (deferred)."""
-    from . import sanitizer as sanitizer_mod
-    from .interpose import interposer
-
     if table.device.type == "cpu":  # Triton's interpreter (tests): one call, read at once
         slot = torch.zeros(SLOT_WORDS, dtype=torch.int64)
         run_check(plan, table, lengths, slot, interpret=True)
         return decode(plan, slot[CALLS:].tolist())
+    if not _mods:
+        from . import sanitizer as sanitizer_mod
+        from .interpose import interposer
+
+        _mods[:] = [sanitizer_mod, interposer]
+    sanitizer_mod, interposer = _mods
     san = sanitizer_mod.current()
     config = san.config if san is not None else None
     path = getattr(config, "device_path", "auto") if config is not None else "auto"
@@ -604,33 +738,36 @@ def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tens
     if errs is None or errs[0] is not config:
         errs = _ERRS[id(config)] = (config, err_mask(config.severity if config is not None else _default_severity))
     errs = errs[1]
-    action_name = getattr(config, "device_action", "auto") if config is not None else "none"
-    if action_name == "auto":
-        action_name = "trap" if mode == "abort" else "guard"
     deferred = capturing or path == "deferred" or (path == "auto" and mode == "log")
-    ring = ring_for(table.device)
+    ring = _rings.get(table.get_device())
     if ring is None:
-        _warn_once("capture-first", "tsan_paged: the first device check of this GPU happened during CUDA graph "
-                   "capture; the ring could not be made there, so this captured call is NOT checked. Make one "
-                   "eager call (or tsan_paged.device.prepare(device)) before capturing.")
-        return []
+        ring = ring_for(table.device)
+        if ring is None:
+            _warn_once("capture-first", "tsan_paged: the first device check of this GPU happened during CUDA graph "
+                       "capture; the ring could not be made there, so this captured call is NOT checked. Make one "
+                       "eager call (or tsan_paged.device.prepare(device)) before capturing.")
+            return []
     if not deferred:
         slot = ring.sync_slot
         launch(ring, plan, table, lengths, slot, 0, 0, errs)
         words = ring.words[slot, CALLS:].tolist()  # the one sync of the sync path
         return decode(plan, words)
+    action_name = getattr(config, "device_action", "auto") if config is not None else "none"
+    if action_name == "auto":
+        action_name = "trap" if mode == "abort" else "guard"
     action = ACTION_CODES[action_name]
     patched = interposer.patched.get(call_target)
-    frame = _caller_frame(patched.library_dirs if patched is not None else ())
+    frame = caller_frame(patched.library_dirs if patched is not None else ())
     key = ((frame.f_code, frame.f_lineno) if frame is not None else None, plan.key, call_target, id(san))
     entry = ring.entries.get(key)
     if entry is None:
-        entry = _new_entry(ring, key, plan, call_target, _format_site(frame), san, capturing)
+        entry = _new_entry(ring, key, plan, call_target, describe(frame), san, capturing)
     del frame
     launch(ring, plan, table, lengths, entry.slot, 1, action, errs)
     if capturing:
         _patch_replay()
-    else:
+    elif ring.event is not None or time.monotonic() - ring.last_snapshot >= (
+            getattr(config, "device_poll_s", 0.1) if config is not None else 0.1):
         poll(ring)
     return []
 
@@ -658,36 +795,6 @@ def _new_entry(ring: Ring, key, plan, op, site, san, captured) -> Entry:
                       sanitizer=weakref.ref(san) if san is not None else (lambda: None), captured=captured)
         ring.entries[key] = entry
         return entry
-
-
-def _caller_frame(library_dirs: tuple):
-    """The first frame outside tsan_paged and the kernel's library (a cheap walk, every call)."""
-    skip = (_DIR,) + tuple(library_dirs)
-    frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame = frame.f_back
-    return frame
-
-
-def _format_site(frame):
-    """``(caller, stack)`` as the sanitizer reports them; formatted once per call site."""
-    if frame is None:
-        return "", ()
-    stack = []
-    f = frame
-    while f is not None and len(stack) < 12:
-        stack.append(f"{_short(f.f_code.co_filename)}:{f.f_lineno} in {f.f_code.co_name}")
-        f = f.f_back
-    stack.reverse()
-    return stack[-1], tuple(stack)
-
-
-def _short(path: str) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return rel if not rel.startswith("..") else path
 
 
 # -- reading records ---------------------------------------------------------------------

@@ -58,6 +58,7 @@ class CheckOptions:
 
     disabled: frozenset = frozenset({"duplicate-page"})
     cuda_capability: Optional[tuple] = None  # set by `tsan-paged show` to the dumped device's
+    page_tracker: Optional[object] = None  # tsan_paged.tracking's tracker while track_pages is on
 
 
 @dataclass

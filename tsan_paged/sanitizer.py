@@ -39,14 +39,13 @@ from typing import Optional
 from loguru import logger
 
 from . import config as config_mod
+from .callsite import find_caller
 from . import dump as dump_mod
 from .dispatch import ModeCatcher, bind_schema, op_interposer, resolve_overloads
 from .interpose import Patched, interposer
 from .registry import Call, CheckOptions, Registry, UnboundArgument, is_dispatcher_target, registry
 from .report import PageTableViolation, Violation, reporter
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_MACHINERY = tuple(os.path.join(_HERE, f) for f in ("sanitizer.py", "interpose.py", "dispatch.py"))
 
 _state_lock = threading.RLock()
 _active: list = []  # entered sanitizers, most recent last
@@ -69,10 +68,11 @@ class PagedSanitizer(contextlib.ContextDecorator):
     def __init__(self, mode: Optional[str] = None, config=None, dump_dir: Optional[str] = None, *,
                  registry: Optional[Registry] = None, dump_on_log: Optional[bool] = None,
                  max_dumps: Optional[int] = None, exit_code: Optional[int] = None,
-                 device_action: Optional[str] = None):
+                 device_action: Optional[str] = None, track_pages: Optional[bool] = None):
         self.config = config_mod.load(config)
         overrides = {"mode": config_mod.check_mode(mode), "dump_dir": dump_dir, "dump_on_log": dump_on_log,
-                     "max_dumps": max_dumps, "exit_code": exit_code, "device_action": device_action}
+                     "max_dumps": max_dumps, "exit_code": exit_code, "device_action": device_action,
+                     "track_pages": track_pages}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if overrides:
             self.config = config_mod.from_dict({**self.config.to_dict(), **overrides}, source=self.config.source)
@@ -106,6 +106,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 reporter.open_report_dir(self.config.report_dir, self.config.max_reports)
             _active.append(self)
             try:
+                if self.config.track_pages:  # shadow SGLang's allocators (tsan_paged/tracking.py)
+                    from . import tracking
+
+                    tracking.start(self)
                 interposer.install([t for t in self._rules if not is_dispatcher_target(t)])
                 for target in self._rules:
                     patched = interposer.patched.get(target)
@@ -149,6 +153,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 device.on_leave(self)
             except Exception as exc:
                 logger.warning(f"tsan_paged: could not read device check records: {exc}")
+        if self.options.page_tracker is not None:
+            from . import tracking
+
+            tracking.stop(self)
         if self in _active:
             _active.remove(self)
         if _active:
@@ -263,7 +271,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
         violations = self._run_rules(target, rules, arguments)
         if not violations:
             return
-        caller, stack = _find_caller(library_dirs)
+        caller, stack = find_caller(library_dirs)
         violations = [v.replace(op=target, caller=caller, stack=stack) for v in violations]
         if self.config.suppress:
             kept = [v for v in violations if not self.config.suppressed(v)]
@@ -398,28 +406,6 @@ def _abort(errors, dump_path, exit_code: int) -> None:
             except Exception:
                 pass
         os._exit(exit_code)
-
-
-def _find_caller(library_dirs: tuple):
-    """``"file:line in function"`` of the first frame outside the catchers and the kernel's library."""
-    skip = _MACHINERY + tuple(library_dirs)
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame = frame.f_back
-    if frame is None:
-        return "", ()
-    summary = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=12, lookup_lines=False)
-    summary.reverse()
-    stack = tuple(f"{_short(f.filename)}:{f.lineno} in {f.name}" for f in summary)
-    return stack[-1], stack
-
-
-def _short(path: str) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return rel if not rel.startswith("..") else path
 
 
 def _torch_dir() -> str:

@@ -13,8 +13,10 @@
 
   * xqa reads columns ``j < ceil(seq_lens[i] / ps)`` only (``mhaUtils.cuh`` ``getPage``).
     With a sliding window (``window_left >= 0``, ``win = window_left + 1``) it skips whole
-    leading tiles of 64 tokens (``mha_sm90.cu``): ``S = max(seq_len - q_len + 1 - win, 0)``
-    tokens, first page read ``floor(floor(S / 64) * 64 / ps)``.
+    leading tiles: ``S = max(seq_len - q_len + 1 - win, 0)`` tokens, first page read
+    ``floor(floor(S / tile) * tile / ps)``. The tile is 64 tokens in ``mha_sm90.cu``, which
+    ``xqa.py`` runs only for an fp8 KV cache on sm90 with head_dim <= 256 (and q_len 1 under a
+    window), else 256 tokens (``mha.cu``: 64 x 4); 256 when the GPU is unknown (CPU tensors).
   * trtllm-gen / cake (closed cubins; the seed crashed there on entries past a row's
     length): the whole row counts as read. Block-sparse rows: the packed front
     ``ceil(seq_lens / ps)`` entries.
@@ -29,11 +31,13 @@ import torch
 
 from .. import checks
 from .. import device as device_mod
+from .. import tracking
 from ..registry import rule
 from ..report import Violation
 
 TRTLLM_DECODE = "flashinfer.decode:trtllm_batch_decode_with_kv_cache"
-XQA_TILE_TOKENS = 64  # gemm0CtaTileNbTokens in data/csrc/xqa/mha_sm90.cu (sm90, head_dim <= 256)
+XQA_SM90_TILE_TOKENS = 64    # mha_sm90.cu: gemm0CtaTileNbTokens (the Hopper fp8-KV kernel)
+XQA_GENERIC_TILE_TOKENS = 256  # mha.cu: ctaTile.x = warpTile.x (64) * ctaShapeInWarps.x (4)
 LENGTH_DTYPES = (torch.int32, torch.uint32)
 
 
@@ -85,12 +89,38 @@ def resolve_backend(backend: str, device: torch.device, capability=None) -> str:
     return "trtllm-gen" if capability[0] == 10 else "xqa"
 
 
-def xqa_first_page(lengths: torch.Tensor, window_left: int, q_len: int, page_size: int):
-    """First column xqa loads under a sliding window, per row (``None`` without a window)."""
+def _capability(call, device):
+    if call.options.cuda_capability is not None:
+        return tuple(call.options.cuda_capability)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def _window_first_page(lengths, window_left, q_len, page_size, tile):
+    """First column a sliding-window kernel loads per row (``None`` without a window).
+
+    xqa (``mha.cu`` near line 1772, ``mha_sm90.cu``): ``S = seq_len - q_len + 1 - win`` tokens
+    (``win = window_left + 1``) are skipped in whole tiles of ``tile`` tokens.
+    """
     if window_left is None or window_left < 0:
         return None
     skipped = (lengths - (q_len - 1) - (window_left + 1)).clamp(min=0)
-    return (skipped // XQA_TILE_TOKENS * XQA_TILE_TOKENS) // page_size
+    return (skipped // tile * tile) // page_size
+
+
+def _xqa_tile(k, head_dim, q_len, capability) -> int:
+    """Tile of the kernel ``flashinfer.xqa.xqa`` picks (``xqa.py``: ``run_sm90_fp8_mha``).
+
+    The Hopper kernel (``mha_sm90.cu``, 64-token tiles) runs only for an fp8 KV cache on
+    compute capability 9.x with head_dim <= 256 and (for a sliding window) q_len 1; every
+    other case runs ``mha.cu`` (256-token tiles). Unknown capability: the generic kernel,
+    whose smaller skip reads more pages (the conservative choice).
+    """
+    if (capability is not None and capability[0] == 9 and k.dtype == torch.float8_e4m3fn
+            and head_dim <= 256 and q_len == 1):
+        return XQA_SM90_TILE_TOKENS
+    return XQA_GENERIC_TILE_TOKENS
 
 
 _DECODE_READS = ("query", "kv_cache", "block_tables", "seq_lens", "max_seq_len", "window_left", "kv_layout",
@@ -165,7 +195,9 @@ def trtllm_batch_decode_with_kv_cache(call):
     found += checks.check_lengths(lengths, "seq_lens", bounds, max_seq_len, index_of=length_index)
     found += checks.check_lengths_fit(lengths, "seq_lens", bounds, page_size, width, "block_tables",
                                       index_of=length_index)
-    backend = resolve_backend(backend, device, call.options.cuda_capability)
+    capability = _capability(call, device)
+    backend = resolve_backend(backend, device, capability)
+    tile = _xqa_tile(k, query.shape[-1], max_q_len or q_len, capability)
 
     def region():
         """Columns each row reads (computed only when something is out of range)."""
@@ -173,7 +205,7 @@ def trtllm_batch_decode_with_kv_cache(call):
             return None, None  # trtllm-gen: the whole row counts as read
         lens = lengths.to(torch.int64)
         end = checks.ceil_div(lens.clamp(min=0), page_size).clamp(max=width)
-        first = xqa_first_page(lens, window_left, max_q_len or q_len, page_size) if backend == "xqa" else None
+        first = _window_first_page(lens, window_left, max_q_len or q_len, page_size, tile) if backend == "xqa" else None
         return first, end
 
     if shared or sparse:
@@ -190,30 +222,43 @@ def trtllm_batch_decode_with_kv_cache(call):
     if call.wants("duplicate-page"):
         for view, name_of, _, _ in views[:: 1 if not shared else len(views)]:
             found += checks.check_duplicate_pages(view, "block_tables", region, name_of)
+    found += tracking.check_read_pages(call, views, (k, v), lengths, page_size)  # [] unless track_pages
     return found
 
 
 def _device_checks(call, table, lengths, k, v, k_name, v_name, page_size, batch, width, max_seq_len, window_left,
                    backend, q_len, shared, sparse):
     """A CUDA table: the length and page-range checks as one device kernel (:mod:`tsan_paged.device`)."""
-    capability = call.options.cuda_capability or (device_mod.capability(table.device) if table.is_cuda else None)
-    backend = resolve_backend(backend, table.device, capability)
-    if backend == "xqa":
-        region = device_mod.REGION_XQA
-    else:
-        region = device_mod.REGION_END if sparse else device_mod.REGION_ROW
-    pk, pv = int(k.shape[0]), int(v.shape[0])
-    if shared or sparse:
-        views = (("kv_cache", pk, None),) if pk == pv else ((k_name, pk, None), (v_name, pv, None))
-    else:
-        views = ((k_name, pk, 0), (v_name, pv, 1))
-    rows = table.shape[0] * table.shape[1] if sparse else table.shape[0]
-    lengths = lengths.reshape(-1)  # a view: [H, B] block-sparse lengths are packed
-    plan = device_mod.plan_for(rows, width, views, page_size, max_seq_len, region,
-                           window_left, q_len, lengths.dtype == torch.uint32, kv_split=not (shared or sparse),
-                           sparse_batch=batch if sparse else None, guard_value=-1 if backend == "xqa" else 0)
+    capability = call.options.cuda_capability
+    if not capability and table.is_cuda:  # picks the backend ("auto") and the xqa kernel's tile
+        capability = device_mod.capability(table.device)
+    # The plan (launch parameters, cached per table form) from plain Python values: no tensor ops here.
+    key = (table.shape, lengths.dtype, k.shape[0], v.shape[0], k_name, v_name, page_size, batch, width, max_seq_len,
+           window_left, backend, q_len, shared, sparse, capability)
+    plan = device_mod.RULE_PLANS.get(key)
+    if plan is None:
+        backend = resolve_backend(backend, table.device, capability)
+        if backend == "xqa":
+            region = device_mod.REGION_XQA
+        else:
+            region = device_mod.REGION_END if sparse else device_mod.REGION_ROW
+        pk, pv = int(k.shape[0]), int(v.shape[0])
+        if shared or sparse:
+            views = (("kv_cache", pk, None),) if pk == pv else ((k_name, pk, None), (v_name, pv, None))
+        else:
+            views = ((k_name, pk, 0), (v_name, pv, 1))
+        rows = table.shape[0] * table.shape[1] if sparse else table.shape[0]
+        plan = device_mod.plan_for(rows, width, views, page_size, max_seq_len, region,
+                                   window_left, q_len, lengths.dtype == torch.uint32, kv_split=not (shared or sparse),
+                                   sparse_batch=batch if sparse else None, guard_value=-1 if backend == "xqa" else 0,
+                                   tile=_xqa_tile(k, k.shape[-1], q_len, capability))
+        if len(device_mod.RULE_PLANS) > 4096:
+            device_mod.RULE_PLANS.clear()
+        device_mod.RULE_PLANS[key] = plan
     if plan.rows == 0 or width == 0:
         return []
+    if lengths.dim() != 1:
+        lengths = lengths.reshape(-1)  # a view: [H, B] block-sparse lengths are packed
     return device_mod.check(call.target, plan, table, lengths)
 
 
@@ -234,44 +279,6 @@ XQA_MLA_RAW = "flashinfer.xqa:xqa_mla"
 DECODE_WRAPPER = "flashinfer.decode:BatchDecodeWithPagedKVCacheWrapper"
 PREFILL_WRAPPER = "flashinfer.prefill:BatchPrefillWithPagedKVCacheWrapper"
 APPEND_PAGED_KV = "flashinfer.page:append_paged_kv_cache"
-
-XQA_SM90_TILE_TOKENS = 64    # mha_sm90.cu: gemm0CtaTileNbTokens (the Hopper fp8-KV kernel)
-XQA_GENERIC_TILE_TOKENS = 256  # mha.cu: ctaTile.x = warpTile.x (64) * ctaShapeInWarps.x (4)
-
-
-def _capability(call, device):
-    if call.options.cuda_capability is not None:
-        return tuple(call.options.cuda_capability)
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
-    return None
-
-
-def _window_first_page(lengths, window_left, q_len, page_size, tile):
-    """First column a sliding-window kernel loads per row (``None`` without a window).
-
-    xqa (``mha.cu`` near line 1772, ``mha_sm90.cu``): ``S = seq_len - q_len + 1 - win`` tokens
-    (``win = window_left + 1``) are skipped in whole tiles of ``tile`` tokens.
-    """
-    if window_left is None or window_left < 0:
-        return None
-    skipped = (lengths - (q_len - 1) - (window_left + 1)).clamp(min=0)
-    return (skipped // tile * tile) // page_size
-
-
-def _xqa_tile(k, head_dim, q_len, capability) -> int:
-    """Tile of the kernel ``flashinfer.xqa.xqa`` picks (``xqa.py``: ``run_sm90_fp8_mha``).
-
-    The Hopper kernel (``mha_sm90.cu``, 64-token tiles) runs only for an fp8 KV cache on
-    compute capability 9.x with head_dim <= 256 and (for a sliding window) q_len 1; every
-    other case runs ``mha.cu`` (256-token tiles). Unknown capability: the generic kernel,
-    whose smaller skip reads more pages (the conservative choice).
-    """
-    if (capability is not None and capability[0] == 9 and k.dtype == torch.float8_e4m3fn
-            and head_dim <= 256 and q_len == 1):
-        return XQA_SM90_TILE_TOKENS
-    return XQA_GENERIC_TILE_TOKENS
-
 
 def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages, page_size, device,
                  region_kind, first=None, max_len=None, max_len_arg="max_seq_len", kv_split=False):

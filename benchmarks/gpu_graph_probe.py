@@ -1,0 +1,48 @@
+"""Where the in-graph overhead goes (64 x 4096): graphs of xqa alone, a tiny torch op + xqa, the check kernel
++ xqa (no sanitizer), the sanitized step; GPU us per replay, then a profiler trace of the kernels in each."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
+sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+from gpu_batches import decode, make_batch, make_kv  # noqa: E402
+from gpu_bench import gpu_loop_us, graph_of  # noqa: E402
+from tsan_paged import PagedSanitizer, device  # noqa: E402
+
+kv = make_kv(32768, seed=7)
+b = make_batch(64, 4096, kv, seed=1, min_frac=0.9)
+out = decode(**b)
+table, lens = b["block_tables"], b["seq_lens"]
+with PagedSanitizer(mode="log"):
+    decode(**b, out=out)
+ring = next(iter(device._rings.values()))
+plan = next(e.plan for e in ring.entries.values())
+graphs = {
+    "xqa": graph_of(lambda: decode(**b, out=out)),
+    "tiny+xqa": graph_of(lambda: (lens.add_(0), decode(**b, out=out))),
+    "check+xqa": graph_of(lambda: (device.launch(ring, plan, table, lens, 5, 1, 2, 0x7F), decode(**b, out=out))),
+    "check+xqa_nopdl": graph_of(lambda: (device.launch(ring, plan, table, lens, 5, 1, 2, 0x7F),
+                                         decode(**b, out=out, enable_pdl=False))),
+    "check": graph_of(lambda: device.launch(ring, plan, table, lens, 5, 1, 2, 0x7F)),
+}
+with PagedSanitizer(mode="log"):
+    graphs["sanitized"] = graph_of(lambda: decode(**b, out=out))
+    for _ in range(2):
+        res = {k: round(gpu_loop_us(g.replay, n=20), 2) for k, g in graphs.items()}
+        print("us per replay", res, flush=True)
+    from torch.profiler import ProfilerActivity, profile
+    for name, g in graphs.items():
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+        evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        evs.sort(key=lambda e: e.time_range.start)
+        print(f"== {name}: {len(evs)} device events in 3 replays")
+        t0 = evs[0].time_range.start if evs else 0
+        for e in evs[: 3 * 4]:
+            print(f"   +{e.time_range.start - t0:9.1f} us  dur {e.time_range.elapsed_us():8.2f}  {e.name[:90]}")

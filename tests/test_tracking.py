@@ -1,0 +1,227 @@
+"""track_pages: SGLang 0.5.23's real allocators shadowed (tsan_paged/tracking.py).
+
+Everything runs SGLang's own objects through ``sglang_driver``: pools, allocators (their
+``alloc``/``alloc_extend``/``alloc_decode``/``free``), tables built by the trtllm_mha
+backend, and its kernel calls. Bugs are planted only through SGLang's own methods or the
+allocator's own attributes (its free list).
+
+- zero ``page-not-allocated`` over the realistic sequence (page 1 and 64, SWA + MTP), and
+  the shadow equals each allocator's own free list at the end;
+- a request freed (SGLang's ``free``) while a batch still reads its pages: caught at its
+  (row, col), with the free's stack in the report;
+- a tracker started after the allocator was built (adopted from its free list);
+- an allocator whose free list hands out a page past its pool: ``alloc-out-of-range`` with
+  the caller, for the SWA sub-allocator (the seed's trap) and the page-1 allocator;
+- restore: after exit the allocator classes hold their original methods.
+
+Steps per configuration: ``TSAN_PAGED_TRACKING_STEPS`` (default 200).
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("FLASHINFER_NO_DOWNLOAD", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import sglang.srt.layers.attention.trtllm_mha_backend  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the environment
+    pytest.skip(f"sglang 0.5.23 is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
+
+import torch  # noqa: E402
+
+import sglang_driver as sd  # noqa: E402
+from tsan_paged import PagedSanitizer, PageTableViolation, tracking  # noqa: E402
+from tsan_paged.config import ConfigError  # noqa: E402
+
+STEPS = int(os.environ.get("TSAN_PAGED_TRACKING_STEPS", "200"))
+SGLANG_CALL_SITE = "trtllm_mha_backend.py:1511 in run_group"
+
+CONFIGS = {  # name: (make_engine kwargs, MTP draft tokens)
+    "page64-swa-mtp3": (dict(page_size=64, swa=True), 3),
+    "page1-swa-mtp2": (dict(page_size=1, swa=True), 2),
+    "page64-full-decode": (dict(page_size=64, swa=False), 0),
+}
+
+
+def leaves(allocator):
+    if hasattr(allocator, "swa_attn_allocator"):
+        return [allocator.full_attn_allocator, allocator.swa_attn_allocator]
+    return [allocator]
+
+
+def assert_shadow_matches(engine):
+    """The tracker's state of every page equals the allocator's own free list."""
+    for leaf in leaves(engine.allocator):
+        state = tracking.tracker.pools[leaf]
+        expected = torch.ones(state.pages, dtype=torch.bool)
+        expected[0] = False  # the padding page is never handed out
+        expected[leaf.get_all_free_pages().long()] = False
+        assert torch.equal(state.state == tracking.ALLOCATED, expected), state.role
+
+
+def kernel_buffers_map_to_pools(engine):
+    """Each layer's K buffer, as the backend hands it to the kernel, maps to its pool."""
+    for layer in engine.layers:
+        k, v = engine.backend._reshape_paged_kv_cache(*engine.pool.get_kv_buffer(layer.layer_id), layer,
+                                                      layer.head_dim)
+        state = tracking.tracker.pool_of(k)
+        assert state is not None and state.pages == k.shape[0]
+        leaf = state.allocator()
+        if engine.swa:
+            side = engine.allocator.swa_attn_allocator if layer.layer_id == 0 else engine.allocator.full_attn_allocator
+            assert leaf is side
+        else:
+            assert leaf is engine.allocator
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_realistic_sequence_has_no_page_not_allocated(name):
+    kwargs, draft = CONFIGS[name]
+    engine = sd.make_engine(draft_tokens=draft, **kwargs)
+    sched = sd.Scheduler(engine, seed=hash(name) % 1000, draft_tokens=draft, max_running=6,
+                         on_call=sd.call_through)
+    with PagedSanitizer(mode="raise", track_pages=True) as san:
+        stats = sched.run(STEPS)
+        kernel_buffers_map_to_pools(engine)
+        assert_shadow_matches(engine)
+        sched.drain()
+        assert_shadow_matches(engine)  # everything freed: no page left allocated
+    assert [v for v in san.reports if v.severity == "error"] == []
+    assert {v.check for v in san.reports} <= {"dead-page-out-of-range"}
+    assert stats.finished > 0 and stats.calls > STEPS // 2
+
+
+def planted_double_use(engine, sched, row=1):
+    """In a decode batch of 3+, free request ``row``'s slots with SGLang's own free while the
+    batch (already allocated, its tables not built yet) still holds it."""
+    planted = {}
+
+    def free_while_read(reqs, seq_lens, tokens_per_req):
+        if planted or len(reqs) < 3:
+            return
+        r = reqs[row]
+        slots = engine.req_to_token[r.row, :r.allocated].to(torch.int64)
+        engine.allocator.free(slots)
+        planted.update(row=row, page=int(slots[0]) // engine.page_size)
+
+    sched.before_forward = free_while_read
+    return planted
+
+
+@pytest.mark.parametrize("page_size", [64, 1])
+def test_request_freed_while_read_is_caught_with_the_free_stack(page_size, dump_dir):
+    engine = sd.make_engine(page_size=page_size, swa=False)
+    sched = sd.Scheduler(engine, seed=7, max_running=6, on_call=sd.call_through)
+    planted = planted_double_use(engine, sched)
+    with PagedSanitizer(mode="raise", track_pages=True, dump_dir=dump_dir) as san:
+        with pytest.raises(PageTableViolation) as info:
+            for _ in range(300):
+                sched.step()
+    assert planted, "no decode batch of 3+ requests"
+    [v] = info.value.violations
+    assert (v.check, v.severity, v.arg, v.index, v.value) == (
+        "page-not-allocated", "error", "block_tables", (planted["row"], 0), planted["page"])
+    assert v.caller.endswith(SGLANG_CALL_SITE), v.caller
+    text = str(info.value)
+    assert f"block_tables[{planted['row']}, 0] = {planted['page']}: page {planted['page']} is FREE" in text
+    assert "freed by (most recent call last)" in text
+    assert "test_tracking.py" in text and "in free_while_read" in text  # the free's stack
+    if page_size > 1:  # the release inside SGLang's free
+        assert "allocator/paged.py" in text and " in free\n" in text
+    assert san.errors == [v]
+
+
+def test_tracker_started_after_the_allocator_was_built():
+    """Pages handed out before tracking started are adopted as allocated (from the free list);
+    freed after, and still read: caught."""
+    engine = sd.make_engine(page_size=64, swa=True, draft_tokens=2)
+    sched = sd.Scheduler(engine, seed=4, draft_tokens=2, max_running=6, on_call=sd.call_through)
+    for _ in range(40):
+        sched.step()
+    assert sched.running
+    with PagedSanitizer(mode="raise", track_pages=True) as san:
+        assert_shadow_matches(engine)  # adopted at start (gc scan), before any call
+        kernel_buffers_map_to_pools(engine)
+        sched.run(80)
+        assert_shadow_matches(engine)
+    assert san.errors == []
+
+
+def test_swa_request_freed_while_read_is_caught():
+    """SGLang's SWA free of a request still in the batch: its SWA layer reads the freed slots
+    through the cleared full->SWA mapping (the padding page), its full layer the freed pages."""
+    engine = sd.make_engine(page_size=64, swa=True, draft_tokens=2)
+    sched = sd.Scheduler(engine, seed=8, draft_tokens=2, max_running=6, on_call=sd.call_through)
+    planted = planted_double_use(engine, sched)
+    with PagedSanitizer(mode="log", track_pages=True) as san:
+        for _ in range(300):
+            sched.step()
+            if planted:
+                break
+    assert planted
+    found = [v for v in san.reports if v.check == "page-not-allocated"]
+    assert len(found) == 2  # the SWA layer (0) and the full layer (1)
+    swa, full = found
+    assert swa.index[0] == planted["row"] and swa.value == 0 and "padding page" in swa.message
+    assert full.index == (planted["row"], 0) and full.value == planted["page"] and "is FREE" in full.message
+    assert "full_attn_allocator" in full.message and "in free_while_read" in full.message
+
+
+@pytest.mark.parametrize("case", ["swa-sub-allocator-page64", "token-allocator-page1"])
+def test_allocator_handing_out_an_index_past_its_pool(case):
+    """The seed's trap, checked at every hand-out: the free list (the allocator's own attribute)
+    holds one page past the pool; the next allocation that takes it is reported with its caller."""
+    if case == "swa-sub-allocator-page64":
+        engine = sd.make_engine(page_size=64, swa=True, draft_tokens=3)
+        leaf, ps = engine.allocator.swa_attn_allocator, 64
+        sched = sd.Scheduler(engine, seed=3, draft_tokens=3, max_running=6, on_call=sd.call_through)
+    else:
+        engine = sd.make_engine(page_size=1, swa=False)
+        leaf, ps = engine.allocator, 1
+        sched = sd.Scheduler(engine, seed=3, max_running=6, on_call=sd.call_through)
+    for _ in range(20):
+        sched.step()
+    pages = leaf.size // ps + 1  # the pool's buffer: pages 0..pages-1
+    with PagedSanitizer(mode="raise", track_pages=True) as san:
+        leaf.free_pages = torch.cat([torch.tensor([pages], dtype=leaf.free_pages.dtype), leaf.free_pages])
+        with pytest.raises(PageTableViolation) as info:
+            for _ in range(200):
+                sched.step()
+    [v] = info.value.violations
+    assert (v.check, v.severity, v.value // ps, v.bound) == ("alloc-out-of-range", "error", pages, pages * ps)
+    assert v.caller.split(":")[0].endswith("sglang_driver.py") and v.caller.endswith("in _alloc"), v.caller
+    assert v.op.split(":")[1].split(".")[1] in ("alloc", "alloc_extend", "alloc_decode")
+    if case == "swa-sub-allocator-page64":
+        assert "SWATokenToKVPoolAllocator.swa_attn_allocator" in v.message
+        assert any("allocator/swa.py" in f for f in v.stack)
+    assert f"(page {pages})" in v.message and "an allocator bug, not a table-building one" in v.message
+    assert san.errors == [v]
+
+
+def test_restore_puts_the_original_methods_back():
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+    from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    classes = (TokenToKVPoolAllocator, PagedTokenToKVPoolAllocator, SWATokenToKVPoolAllocator)
+    before = [dict(c.__dict__) for c in classes]
+    outer = PagedSanitizer(track_pages=True)
+    with outer:
+        assert PagedTokenToKVPoolAllocator.__dict__["alloc_decode"] is not before[1]["alloc_decode"]
+        with PagedSanitizer(track_pages=True):  # nested: still one set of patches
+            assert PagedTokenToKVPoolAllocator.alloc_decode.__tsan_paged_original__ is before[1]["alloc_decode"]
+        assert PagedTokenToKVPoolAllocator.__dict__["alloc_decode"] is not before[1]["alloc_decode"]
+    for cls, saved in zip(classes, before):
+        assert {k: v for k, v in cls.__dict__.items()} == saved, cls
+    assert not tracking.tracker.active and not tracking.tracker.patches
+    with PagedSanitizer():  # track_pages off: nothing patched
+        assert TokenToKVPoolAllocator.__dict__["alloc"] is before[0]["alloc"]
+
+
+def test_config_key():
+    with PagedSanitizer(config={"track_pages": True}) as san:
+        assert san.options.page_tracker is tracking.tracker and tracking.tracker.active
+    assert san.options.page_tracker is None and not tracking.tracker.active
+    with pytest.raises(ConfigError, match="track_pages"):
+        PagedSanitizer(config={"track_pages": "yes"})

@@ -1,0 +1,471 @@
+"""Opt-in stateful page tracking: KV use-after-free (``page-not-allocated``) and allocator
+bugs (``alloc-out-of-range``) for SGLang's KV allocators.
+
+``PagedSanitizer(track_pages=True)`` (config key ``track_pages = true``) shadows SGLang's
+allocators by wrapping, at class level, the methods that hand out and take back KV slots
+(no SGLang code is edited; everything is restored exactly on exit):
+
+- ``TokenToKVPoolAllocator`` (page size 1, a "page" is a token slot): ``alloc``, ``free``, ``clear``;
+- ``PagedTokenToKVPoolAllocator``: ``alloc``, ``alloc_extend``, ``alloc_decode``,
+  ``_release_page_ids`` (where ``free``, ``free_page_ids``, ``free_segment`` and
+  ``free_group_end`` all release pages), ``clear``;
+- ``SWATokenToKVPoolAllocator``: its full and SWA sub-allocators are instances of the two
+  classes above, so they are shadowed by them; its own ``alloc*`` wrappers only name them
+  (``...swa_attn_allocator``) in reports.
+
+A class is patched when the sanitizer starts, or when its module is imported later while it
+runs. An allocator built before the sanitizer started is adopted from its own free list
+(``get_all_free_pages()``: ``free_pages`` + ``release_pages`` / ``staged_pages``) the first
+time it is seen (a ``gc`` scan at start, or its first shadowed call): pages not in the free
+list are allocated. Subclasses that override a shadowed method (e.g. ``PageInterleavePoolAllocator``)
+are not tracked.
+
+Per pool: one ``uint8`` state per page (never allocated / allocated / freed) and one
+``int32`` stack id per page (the ``free`` call that released it, interned: at most
+``MAX_STACKS`` distinct stacks are kept), on the allocator's device, under one lock.
+
+Reads: the FlashInfer decode rule calls :func:`check_read_pages` with its table views; a
+kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffer`` /
+``v_buffer`` per layer, full and SWA pools alike), else by an unambiguous page count. The
+region checked is what the kernel *attends to* (``ceil(seq_len / ps)`` columns, from the
+sliding window's first token on a window layer); one gather of the state at the table's
+entries.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+import weakref
+from typing import Optional
+
+import torch
+
+from .callsite import caller_frame, describe, short_path
+from .report import MAX_EXAMPLES, Violation
+
+NEVER, ALLOCATED, FREED = 0, 1, 2
+MAX_STACKS = 4096
+STACK_DEPTH = 10
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ALLOC_METHODS = ("alloc", "alloc_extend", "alloc_decode")
+
+# module -> {class name: {method: kind}}; kinds: alloc, free_tokens, release_pages, clear, adopt
+TARGETS = {
+    "sglang.srt.mem_cache.allocator.token": {
+        "TokenToKVPoolAllocator": {"alloc": "alloc", "free": "free_tokens", "clear": "clear"}},
+    "sglang.srt.mem_cache.allocator.paged": {
+        "PagedTokenToKVPoolAllocator": {"alloc": "alloc", "alloc_extend": "alloc", "alloc_decode": "alloc",
+                                        "_release_page_ids": "release_pages", "clear": "clear"}},
+    "sglang.srt.mem_cache.allocator.swa": {
+        "SWATokenToKVPoolAllocator": {"alloc": "adopt", "alloc_extend": "adopt", "alloc_decode": "adopt",
+                                      "alloc_extend_swa_tail": "adopt"}},
+}
+
+
+class PoolState:
+    """The shadow of one leaf allocator's pool."""
+
+    __slots__ = ("allocator", "role", "page_size", "pages", "state", "stack", "__weakref__")
+
+    def __init__(self, allocator, role: str):
+        self.allocator = weakref.ref(allocator)
+        self.role = role
+        self.page_size = int(allocator.page_size)
+        self.pages = int(allocator.size) // self.page_size + 1  # + SGLang's padding page 0
+        device = getattr(allocator, "device", "cpu")
+        self.state = torch.zeros(self.pages, dtype=torch.uint8, device=device)
+        self.stack = torch.full((self.pages,), -1, dtype=torch.int32, device=device)
+
+    def describe(self) -> str:
+        return (f"{self.role} (pool of {self.pages} pages"
+                + (f" of {self.page_size} tokens" if self.page_size > 1 else " (token slots)") + ")")
+
+
+class PageTracker:
+    """Process-wide shadow of SGLang's allocators; started and stopped by the sanitizers."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.users = 0
+        self.pools = weakref.WeakKeyDictionary()  # allocator -> PoolState
+        self.by_storage: dict = {}  # storage data_ptr -> weakref(PoolState)
+        self.patches: list = []  # (cls, name, original, wrapper)
+        self._stacks: dict = {}  # frames -> id
+        self._stack_list: list = []
+        self._listener = None
+        self._named = weakref.WeakSet()  # SWA allocators whose sub-allocators are named
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        with self.lock:
+            self.users += 1
+            if self.users > 1:
+                return
+            from .interpose import interposer
+
+            for name in TARGETS:
+                module = sys.modules.get(name)
+                if module is not None:
+                    self._patch_module(module)
+            self._listener = self._module_imported
+            interposer.add_import_listener(self._listener)
+            self._adopt_existing()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            self.users = 0
+            from .interpose import interposer
+
+            with interposer.lock:
+                if self._listener in interposer.import_listeners:
+                    interposer.import_listeners.remove(self._listener)
+            self._listener = None
+            for cls, name, original, wrapper in reversed(self.patches):
+                if cls.__dict__.get(name) is wrapper:
+                    setattr(cls, name, original)
+            self.patches.clear()
+            self.pools = weakref.WeakKeyDictionary()
+            self.by_storage.clear()
+            self._stacks.clear()
+            self._stack_list.clear()
+            self._named = weakref.WeakSet()
+
+    @property
+    def active(self) -> bool:
+        return self.users > 0
+
+    def _module_imported(self, module) -> None:
+        if getattr(module, "__name__", None) in TARGETS:
+            with self.lock:
+                self._patch_module(module)
+
+    def _patch_module(self, module) -> None:
+        for cls_name, methods in TARGETS[module.__name__].items():
+            cls = getattr(module, cls_name, None)
+            if cls is None:
+                continue
+            for name, kind in methods.items():
+                original = cls.__dict__.get(name)
+                if original is None or getattr(original, "__tsan_paged_original__", None) is not None:
+                    continue
+                wrapper = _make_wrapper(self, cls, name, kind, original)
+                setattr(cls, name, wrapper)
+                self.patches.append((cls, name, original, wrapper))
+
+    def _shadowed(self, allocator) -> bool:
+        """Whether every shadowed method of ``allocator``'s class is one of our wrappers."""
+        cls = type(allocator)
+        kinds = {id(w): c for c, _, _, w in self.patches}
+        for base in cls.__mro__:
+            module = TARGETS.get(base.__module__, {})
+            if base.__name__ in module and module[base.__name__] and base.__name__ != "SWATokenToKVPoolAllocator":
+                return all(id(getattr(cls, m, None)) in kinds for m in module[base.__name__])
+        return False
+
+    def _adopt_existing(self) -> None:
+        """Allocators built before the tracker started: adopt them from their free lists."""
+        classes = tuple(c for c, _, _, _ in self.patches)
+        if not classes:
+            return
+        parents = tuple(c for c in classes if c.__name__ == "SWATokenToKVPoolAllocator")
+        every = set()
+        todo = list(classes)
+        while todo:  # with subclasses: an instance refers to its own class
+            cls = todo.pop()
+            if cls not in every:
+                every.add(cls)
+                todo.extend(cls.__subclasses__())
+        for obj in gc.get_referrers(*every):  # in C: ~10x faster than isinstance over gc.get_objects()
+            if isinstance(obj, classes):
+                try:
+                    if isinstance(obj, parents):
+                        self._named.add(obj)
+                        self.adopt_parent(obj)
+                    elif self._shadowed(obj):
+                        self.pool(obj)
+                except Exception:  # half-built or unusual: adopted at its first call instead
+                    pass
+
+    # -- allocator state --------------------------------------------------------------------
+    def pool(self, allocator, role: Optional[str] = None) -> Optional[PoolState]:
+        """The shadow of ``allocator``, adopted from its free list on first sight."""
+        state = self.pools.get(allocator)
+        if state is not None:
+            if role:
+                state.role = role
+            return state
+        if not self._shadowed(allocator):
+            return None
+        state = PoolState(allocator, role or type(allocator).__name__)
+        free = allocator.get_all_free_pages() if getattr(allocator, "free_pages", None) is not None else None
+        state.state[1:] = ALLOCATED
+        if free is not None and free.numel():
+            free = free.to(device=state.state.device, dtype=torch.int64)
+            state.state[free[(free >= 0) & (free < state.pages)]] = NEVER
+        self.pools[allocator] = state
+        self._index_buffers(allocator, state)
+        return state
+
+    def _index_buffers(self, allocator, state: PoolState) -> None:
+        kvcache = getattr(allocator, "_kvcache", None)
+        ref = weakref.ref(state)
+        for attr in ("k_buffer", "v_buffer", "kv_buffer"):
+            for tensor in getattr(kvcache, attr, None) or ():
+                if isinstance(tensor, torch.Tensor):
+                    self.by_storage[tensor.untyped_storage().data_ptr()] = ref
+
+    def adopt_parent(self, parent) -> None:
+        """Name an SWA allocator's sub-allocators in reports (and adopt them)."""
+        full = getattr(parent, "full_attn_allocator", None)
+        swa = getattr(parent, "swa_attn_allocator", None)
+        for attr, child, what in (("full_attn_allocator", full, "full"), ("swa_attn_allocator", swa, "SWA")):
+            if child is None or (attr == "swa_attn_allocator" and child is full):
+                continue
+            self.pool(child, role=f"{type(parent).__name__}.{attr} ({type(child).__name__}, the {what} pool)")
+
+    def stack_id(self) -> int:
+        frames = []
+        frame = sys._getframe(2)
+        while frame is not None and len(frames) < STACK_DEPTH:
+            code = frame.f_code
+            if not code.co_filename.startswith(_HERE):
+                frames.append((code.co_filename, frame.f_lineno, code.co_name))
+            frame = frame.f_back
+        key = tuple(frames)
+        sid = self._stacks.get(key)
+        if sid is None:
+            if len(self._stack_list) >= MAX_STACKS:
+                return -2
+            sid = self._stacks[key] = len(self._stack_list)
+            self._stack_list.append(key)
+        return sid
+
+    def format_stack(self, sid: int) -> str:
+        if sid == -1:
+            return "      (freed before tracking started, or never allocated)"
+        if sid == -2 or sid >= len(self._stack_list):
+            return f"      (stack not kept: over {MAX_STACKS} distinct free stacks)"
+        return "\n".join(f"      {short_path(f)}:{line} in {name}" for f, line, name in reversed(self._stack_list[sid]))
+
+    def on_alloc(self, allocator, state: PoolState, method: str, out) -> list:
+        """Mark what ``method`` handed out; findings for indices past the pool."""
+        if out is None or not isinstance(out, torch.Tensor) or out.numel() == 0:
+            return []
+        tokens = out.reshape(-1).to(torch.int64)
+        ps, pages = state.page_size, state.pages
+        low, high = (int(x) for x in torch.aminmax(tokens))
+        found = []
+        if low < ps or high >= pages * ps:
+            bad = ((tokens < ps) | (tokens >= pages * ps)).nonzero().flatten()
+            i = int(bad[0])
+            value = int(tokens[i])
+            examples = tuple(((j,), int(tokens[j])) for j in bad[:MAX_EXAMPLES].tolist())
+            page = value // ps if value >= 0 else value
+            kind = "past the end of" if value >= pages * ps else ("the padding page of" if value >= 0 else "negative, outside")
+            found.append(Violation(
+                "alloc-out-of-range", "out_indices",
+                f"{state.role}.{method} handed out index {value} at position {i} (page {page}), {kind} its pool "
+                f"of {pages} pages: it can hand out indices {ps}..{pages * ps - 1} (pages 1..{pages - 1}; page 0 is "
+                f"SGLang's padding page). Its free list or its index arithmetic is at fault: an allocator bug, "
+                f"not a table-building one", index=(i,), value=value, bound=pages * ps, count=int(bad.numel()),
+                examples=examples, op=f"{type(allocator).__module__}:{type(allocator).__name__}.{method}"))
+        with self.lock:
+            page_ids = tokens // ps
+            page_ids = page_ids[(page_ids >= 0) & (page_ids < pages)].to(state.state.device)
+            state.state[page_ids] = ALLOCATED
+        return found
+
+    def on_release(self, state: PoolState, page_ids, sid: int) -> None:
+        with self.lock:
+            for ids in page_ids:
+                if ids is None or ids.numel() == 0:
+                    continue
+                ids = ids.reshape(-1).to(device=state.state.device, dtype=torch.int64)
+                ids = ids[(ids >= 0) & (ids < state.pages)]
+                state.state[ids] = FREED
+                state.stack[ids] = sid
+
+    def on_clear(self, allocator, sid: int) -> None:
+        with self.lock:
+            state = self.pools.get(allocator)
+            if state is not None and state.pages == int(allocator.size) // int(allocator.page_size) + 1:
+                held = state.state == ALLOCATED
+                state.state[held] = FREED
+                state.stack[held] = sid
+            else:  # first sight (its __init__) or resized: adopt from its free list
+                self.pools.pop(allocator, None)
+                self.pool(allocator, role=state.role if state is not None else None)
+
+    # -- reads ----------------------------------------------------------------------------
+    def pool_of(self, tensor) -> Optional[PoolState]:
+        ref = self.by_storage.get(tensor.untyped_storage().data_ptr())
+        state = ref() if ref is not None else None
+        if state is not None and state.allocator() is not None:
+            return state
+        pages = int(tensor.shape[0])
+        matches = [s for a, s in list(self.pools.items()) if s.pages == pages]
+        return matches[0] if len(matches) == 1 else None
+
+    def check_read(self, call, views, tensors, lengths, page_size: int) -> list:
+        if call.get("enable_block_sparse_attention"):
+            return []
+        found = []
+        lens = lengths.reshape(-1).to(torch.int64)
+        window_left = call.get("window_left")
+        q_len = call.get("max_q_len") or call.get("q_len_per_req") or 1
+        for (view, name_of, buffer, _), kv in zip(views, tensors):
+            with self.lock:
+                state = self.pool_of(kv)
+                if state is None:
+                    continue
+                width = view.shape[-1]
+                entries = view.to(device=state.state.device, dtype=torch.int64)
+                n = state.pages
+                got = state.state[entries.clamp(0, n - 1)]  # one gather of the state at the table
+                region_lens = lens.to(entries.device)
+                cols = torch.arange(width, device=entries.device)
+                end = (-(-region_lens.clamp(min=0) // page_size)).clamp(max=width)
+                mask = cols[None, :] < end[:, None]
+                if window_left is not None and window_left >= 0:
+                    first = (region_lens - (q_len - 1) - (window_left + 1)).clamp(min=0) // page_size
+                    mask &= cols[None, :] >= first[:, None]
+                bad = mask & (got != ALLOCATED) & (entries >= 0) & (entries < n)
+                if not bool(bad.any()):
+                    continue
+                where = bad.nonzero()
+                r, c = (int(x) for x in where[0])
+                page = int(entries[r, c])
+                status = int(got[r, c])
+                sid = int(state.stack[page])
+                examples = tuple((name_of(int(a), int(b)), int(entries[a, b])) for a, b in where[:MAX_EXAMPLES].tolist())
+            index = name_of(r, c)
+            tokens = f"tokens {c * page_size}..{(c + 1) * page_size - 1}" if page_size > 1 else f"token {c}"
+            if status == FREED:
+                what = (f"page {page} is FREE: released to {state.describe()} and not allocated since, "
+                        f"yet the kernel reads it (row {r}'s {tokens}) - a KV use-after-free; the memory is still "
+                        f"there, so nothing else reports it and the row's attention output is silently wrong.\n"
+                        f"    freed by (most recent call last):\n{self.format_stack(sid)}")
+            elif page == 0:
+                what = (f"page 0 is SGLang's padding page (never handed out) in {state.describe()}, yet the kernel "
+                        f"reads it (row {r}'s {tokens}): a table entry that was never written, or a slot whose "
+                        f"full->SWA mapping was cleared (freed) while this row still attends to it")
+            else:
+                what = (f"page {page} of {state.describe()} is not allocated (free since tracking started, "
+                        f"no free seen), yet the kernel reads it (row {r}'s {tokens})")
+            text = f"block_tables[{', '.join(map(str, index))}] = {page}: {what}"
+            found.append(Violation("page-not-allocated", "block_tables", text, index=index, value=page,
+                                   bound="allocated", count=int(where.shape[0]), examples=examples))
+        return found
+
+
+def _make_wrapper(tracker: PageTracker, cls, name: str, kind: str, original):
+    if kind == "alloc":
+        def wrapper(self, *args, **kwargs):
+            state = tracker.pool(self)
+            out = original(self, *args, **kwargs)
+            if state is not None and out is not None:
+                found = tracker.on_alloc(self, state, name, out)
+                if found:
+                    _report(found)
+            return out
+    elif kind == "free_tokens":
+        def wrapper(self, free_index, *args, **kwargs):
+            state = tracker.pool(self)
+            out = original(self, free_index, *args, **kwargs)
+            if state is not None and self.free_group is None and free_index.numel():
+                tracker.on_release(state, (free_index,), tracker.stack_id())
+            return out
+    elif kind == "release_pages":
+        def wrapper(self, *page_ids):
+            state = tracker.pool(self)
+            out = original(self, *page_ids)
+            if state is not None:
+                tracker.on_release(state, page_ids, tracker.stack_id())
+            return out
+    elif kind == "clear":
+        def wrapper(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            if tracker._shadowed(self):
+                tracker.on_clear(self, tracker.stack_id())
+            return out
+    else:  # adopt: an SWA allocator names its sub-allocators
+        def wrapper(self, *args, **kwargs):
+            if self not in tracker._named:
+                tracker._named.add(self)
+                tracker.adopt_parent(self)
+            return original(self, *args, **kwargs)
+
+    wrapper.__name__ = getattr(original, "__name__", name)
+    wrapper.__qualname__ = getattr(original, "__qualname__", name)
+    wrapper.__doc__ = getattr(original, "__doc__", None)
+    wrapper.__wrapped__ = original
+    wrapper.__tsan_paged_original__ = original
+    return wrapper
+
+
+def _report(found: list) -> None:
+    """An allocator finding: reported through the active sanitizer, acted on by its mode."""
+    from . import sanitizer as sanitizer_mod
+    from .report import PageTableViolation
+
+    san = sanitizer_mod.current()
+    if san is None:
+        return
+    caller, stack = _allocator_caller()
+    found = [v.replace(caller=caller, stack=stack) for v in found]
+    kept = []
+    for v in found:
+        level = san.config.severity(v.check)
+        if level != "off" and not (san.config.suppress and san.config.suppressed(v)):
+            kept.append(v if v.severity == level else v.replace(severity=level))
+    san._record(kept)
+    errors = [v for v in kept if v.severity == "error"]
+    if errors and san.mode == "raise":
+        raise PageTableViolation(errors)
+    if errors and san.mode == "abort":
+        sanitizer_mod._abort(errors, None, san.config.exit_code)
+
+
+def _allocator_caller():
+    """The first frame outside tsan_paged and SGLang's allocator package, and the stack."""
+    package = sys.modules.get("sglang.srt.mem_cache.allocator")
+    inside = (os.path.dirname(package.__file__),) if getattr(package, "__file__", None) else ()
+    caller, _ = describe(caller_frame(inside, depth=2))
+    _, stack = describe(caller_frame((), depth=2))  # from the allocator's own frame up
+    return caller, stack
+
+
+tracker = PageTracker()
+
+
+def start(sanitizer) -> PageTracker:
+    """Start shadowing (reference-counted over sanitizers); sets ``sanitizer.options.page_tracker``."""
+    tracker.start()
+    sanitizer.options.page_tracker = tracker
+    return tracker
+
+
+def stop(sanitizer) -> None:
+    if getattr(sanitizer.options, "page_tracker", None) is None:
+        return
+    sanitizer.options.page_tracker = None
+    tracker.stop()
+
+
+def check_read_pages(call, views, tensors, lengths, page_size: int) -> list:
+    """``page-not-allocated`` findings of a decode call's table (``[]`` unless tracking).
+
+    ``views``: the rule's ``[(view [rows, W], index_of, buffer name, pages)]``; ``tensors``:
+    the KV buffer each view indexes (``(k, v)``, in the same order); ``lengths``: per-row
+    KV lengths.
+    """
+    page_tracker = getattr(call.options, "page_tracker", None)
+    if page_tracker is None or not page_tracker.active:
+        return []
+    return page_tracker.check_read(call, views, tensors, lengths, page_size)
