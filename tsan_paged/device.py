@@ -875,8 +875,8 @@ def _report(ring: Ring, words: torch.Tensor, only=None) -> None:
                  for v in found]
         by_sanitizer.setdefault(id(san), (san, []))[1].extend(found)
     for san, found in by_sanitizer.values():
-        if san is not None and hasattr(san, "_record_deferred"):
-            san._record_deferred(found)
+        if san is not None:
+            san.report_found(found, defer=True)
         else:
             from .report import reporter
 

@@ -173,19 +173,18 @@ class PagedSanitizer(contextlib.ContextDecorator):
             device.flush(self)
         self._raise_deferred()
 
-    def _record_deferred(self, violations) -> None:
-        """Findings of device checks read after their call (:mod:`tsan_paged.device`)."""
-        severity = self.config.severity
-        kept = []
-        for v in violations:
-            level = severity(v.check)
-            if level != "off" and not (self.config.suppress and self.config.suppressed(v)):
-                kept.append(v if v.severity == level else v.replace(severity=level))
+    def report_found(self, violations, defer: bool = False) -> None:
+        """Findings made outside a kernel call's rules (device records read later, allocator
+        shadow): configured, recorded and acted on by mode. ``defer``: in ``raise`` mode,
+        raise them at the next :meth:`flush` or at exit instead of now."""
+        kept = self._configured(violations)
         self._record(kept)
         errors = [v for v in kept if v.severity == "error"]
         if errors and self.mode == "abort":
             _abort(errors, None, self.config.exit_code)
         if errors and self.mode == "raise":
+            if not defer:
+                raise PageTableViolation(errors)
             with self._lock:
                 self._deferred_errors.extend(errors)
 
@@ -272,11 +271,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
         if not violations:
             return
         caller, stack = find_caller(library_dirs)
-        violations = [v.replace(op=target, caller=caller, stack=stack) for v in violations]
-        if self.config.suppress:
-            kept = [v for v in violations if not self.config.suppressed(v)]
-            self.suppressed += len(violations) - len(kept)
-            violations = kept
+        violations = self._configured([v.replace(op=target, caller=caller, stack=stack) for v in violations])
         self._record(violations)
         errors = [v for v in violations if v.severity == "error"]
         if not errors:
@@ -308,13 +303,22 @@ class PagedSanitizer(contextlib.ContextDecorator):
                                            + "".join(traceback.format_exception(exc)[-3:]).rstrip()))
         finally:
             _local.checking = False
-        severity = self.config.severity
-        out = []
-        for v in found:
+        return found
+
+    def _configured(self, violations) -> list:
+        """The findings the config keeps: per-check severities ("off" drops), then suppressions."""
+        severity, kept = self.config.severity, []
+        for v in violations:
             level = severity(v.check)
-            if level != "off":
-                out.append(v if v.severity == level else v.replace(severity=level))
-        return out
+            if level == "off":
+                continue
+            if v.severity != level:
+                v = v.replace(severity=level)
+            if self.config.suppress and self.config.suppressed(v):
+                self.suppressed += 1
+                continue
+            kept.append(v)
+        return kept
 
     def _record(self, violations) -> None:
         for v in violations:

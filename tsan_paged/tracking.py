@@ -411,25 +411,12 @@ def _make_wrapper(tracker: PageTracker, cls, name: str, kind: str, original):
 
 def _report(found: list) -> None:
     """An allocator finding: reported through the active sanitizer, acted on by its mode."""
-    from . import sanitizer as sanitizer_mod
-    from .report import PageTableViolation
+    from .sanitizer import current
 
-    san = sanitizer_mod.current()
-    if san is None:
-        return
-    caller, stack = _allocator_caller()
-    found = [v.replace(caller=caller, stack=stack) for v in found]
-    kept = []
-    for v in found:
-        level = san.config.severity(v.check)
-        if level != "off" and not (san.config.suppress and san.config.suppressed(v)):
-            kept.append(v if v.severity == level else v.replace(severity=level))
-    san._record(kept)
-    errors = [v for v in kept if v.severity == "error"]
-    if errors and san.mode == "raise":
-        raise PageTableViolation(errors)
-    if errors and san.mode == "abort":
-        sanitizer_mod._abort(errors, None, san.config.exit_code)
+    san = current()
+    if san is not None:
+        caller, stack = _allocator_caller()
+        san.report_found([v.replace(caller=caller, stack=stack) for v in found])
 
 
 def _allocator_caller():
