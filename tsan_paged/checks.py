@@ -56,10 +56,6 @@ def check_packed_rows(table: torch.Tensor, arg: str) -> list:
                       value=table.stride(), bound="contiguous")]
 
 
-def check_shape(condition: bool, arg: str, message: str, value=None, bound=None) -> list:
-    return [] if condition else [Violation("shape-mismatch", arg, message, value=value, bound=bound)]
-
-
 def length_bounds(lengths: torch.Tensor) -> tuple:
     """``(min, max)`` of per-row lengths as Python ints, in one pass; ``(0, 0)`` when empty."""
     if lengths.numel() == 0:

@@ -5,7 +5,7 @@ When a rule's page table is a CUDA tensor, the decode rule's length and page-ran
 ``page-out-of-range``, ``dead-page-out-of-range``) run as ONE Triton kernel per call,
 :func:`_check_kernel`. It computes each row's read region on the device from ``seq_lens``,
 the page size, ``window_left`` and ``q_len`` (the xqa region of
-:mod:`tsan_paged.rules.flashinfer`: columns ``xqa_first_page <= j < ceil(seq_len / ps)``; the
+:mod:`tsan_paged.rules.flashinfer`: columns ``first <= j < ceil(seq_len / ps)`` with ``first`` from the window and the xqa kernel's tile (``_window_first_page``); the
 whole row for trtllm-gen), checks every table entry of every row against the page counts of
 K and V, and writes a small record to a preallocated device *ring slot*: per check a flag
 (how many checked calls hit it), the count of offending entries, the first offending

@@ -69,10 +69,6 @@ class Rule:
     name: str = ""
     source: str = "python"
 
-    @property
-    def is_dispatcher_op(self) -> bool:
-        return is_dispatcher_target(self.target)
-
 
 @dataclass
 class Registry:
