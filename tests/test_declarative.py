@@ -142,3 +142,43 @@ def test_checks_key_selects_checks(tmp_path):
             torch.ops.tsan_test.paged_gather(torch.randn(10, 4, 3), torch.tensor([[10]], dtype=torch.int32),
                                              torch.tensor([2]), 4)
     assert san.reports == []
+
+
+# -- properties of the CSR primitive the wrapper, append and TOML CSR rules share ---------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tsan_paged import checks  # noqa: E402
+
+
+@st.composite
+def csr_lists(draw):
+    pages = draw(st.integers(1, 50))
+    page_size = draw(st.sampled_from([1, 4, 16]))
+    counts = draw(st.lists(st.integers(0, 6), min_size=1, max_size=8))  # 0: an empty row
+    indptr = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+    spare = draw(st.integers(0, 3))  # entries past indptr[-1]: never read
+    indices = torch.tensor(draw(st.lists(st.integers(0, pages - 1), min_size=int(indptr[-1]) + spare,
+                                         max_size=int(indptr[-1]) + spare)), dtype=torch.int32)
+    last = torch.tensor([draw(st.integers(1, page_size)) if n else 0 for n in counts], dtype=torch.int32)
+    return pages, page_size, indptr, indices, last
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(csr=csr_lists(), data=st.data())
+def test_property_csr_valid_and_one_mutation(csr, data):
+    pages, page_size, indptr, indices, last = csr
+    assert checks.check_csr_pages(indptr, indices, last, pages, page_size, "pages") == []
+    bad = data.draw(st.one_of(st.integers(-(2**31), -1), st.integers(pages, 2**31 - 1)))
+    position = data.draw(st.integers(0, indices.numel() - 1)) if indices.numel() else None
+    if position is None:
+        return
+    indices[position] = bad
+    found = checks.check_csr_pages(indptr, indices, last, pages, page_size, "pages")
+    if position >= int(indptr[-1]):
+        assert found == []  # past the last row: never read
+        return
+    row = int(torch.searchsorted(indptr, torch.tensor(position), right=True)) - 1
+    [v] = found
+    assert (v.check, v.arg, v.index, v.value, v.bound) == (
+        "page-out-of-range", "indices", (row, position - int(indptr[row])), bad, pages)

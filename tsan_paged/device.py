@@ -758,7 +758,10 @@ def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tens
     action = ACTION_CODES[action_name]
     patched = interposer.patched.get(call_target)
     frame = caller_frame(patched.library_dirs if patched is not None else ())
-    key = ((frame.f_code, frame.f_lineno) if frame is not None else None, plan.key, call_target, id(san))
+    # The sanitizer's serial, not id(): a later sanitizer at a freed one's address must not
+    # inherit its record slot (whose weak reference is dead, so its findings would go nowhere).
+    key = ((frame.f_code, frame.f_lineno) if frame is not None else None, plan.key, call_target,
+           san.serial if san is not None else 0)
     entry = ring.entries.get(key)
     if entry is None:
         entry = _new_entry(ring, key, plan, call_target, describe(frame), san, capturing)

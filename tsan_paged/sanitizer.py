@@ -30,6 +30,7 @@ active sanitizer. Rules registered while a sanitizer is active apply from its ne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import threading
@@ -49,6 +50,7 @@ from .report import PageTableViolation, Violation, reporter
 
 _state_lock = threading.RLock()
 _active: list = []  # entered sanitizers, most recent last
+_serials = itertools.count(1)
 _local = threading.local()  # .checking: a rule is running on this thread
 
 
@@ -94,6 +96,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
         self._rules: dict = {}  # target -> rules that bind, fixed at entry
         self._mode_catcher: Optional[ModeCatcher] = None
         self._lock = threading.Lock()
+        self.serial = next(_serials)  # unique for the process's life (id() is reused once freed)
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> "PagedSanitizer":
