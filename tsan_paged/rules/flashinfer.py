@@ -123,6 +123,39 @@ def _xqa_tile(k, head_dim, q_len, capability) -> int:
     return XQA_GENERIC_TILE_TOKENS
 
 
+def _dtypes_and_devices(found, device, table, lengths, table_arg="block_tables", lengths_arg="seq_lens",
+                        others=()) -> bool:
+    """int32 table, int32/uint32 lengths, everything on the query's device (``others``: more
+    ``(tensor, name)`` pairs). Appends findings; False when the values cannot be checked."""
+    if table.dtype != torch.int32 or (lengths is not None and lengths.dtype not in LENGTH_DTYPES):
+        found += checks.check_dtype(table, table_arg, (torch.int32,))
+        if lengths is not None:
+            found += checks.check_dtype(lengths, lengths_arg, LENGTH_DTYPES)
+        if table.dtype.is_floating_point or table.dtype == torch.bool or (
+                lengths is not None and lengths.dtype.is_floating_point):
+            return False  # the kernel would not read these values as page ids
+    tensors = ((table, table_arg), (lengths, lengths_arg)) + tuple(others)
+    for tensor, _ in tensors:
+        if tensor is not None and tensor.device != device:
+            for t, arg in tensors:
+                if t is not None:
+                    found += checks.check_device(t, arg, device, "query")
+            return False
+    return True
+
+
+def _length_checks(found, lengths, page_size, width, max_len, lengths_arg="seq_lens", table_arg="block_tables",
+                   max_len_arg="max_seq_len", index_of=lambda r: (r,)):
+    """Negative lengths, lengths past ``max_len`` and past the table; returns the lengths as
+    the range checks read them (uint32 widened)."""
+    if lengths.dtype == torch.uint32:  # few CPU ops take uint32
+        lengths = lengths.to(torch.int64)
+    bounds = checks.length_bounds(lengths)
+    found += checks.check_lengths(lengths, lengths_arg, bounds, max_len, max_len_arg=max_len_arg, index_of=index_of)
+    found += checks.check_lengths_fit(lengths, lengths_arg, bounds, page_size, width, table_arg, index_of=index_of)
+    return lengths
+
+
 _DECODE_READS = ("query", "kv_cache", "block_tables", "seq_lens", "max_seq_len", "window_left", "kv_layout",
                  "backend", "q_len_per_req", "max_q_len", "cum_seq_lens_q", "uses_shared_paged_kv_idx",
                  "enable_block_sparse_attention")
@@ -137,14 +170,7 @@ def trtllm_batch_decode_with_kv_cache(call):
         return found
 
     device = query.device
-    if table.dtype != torch.int32 or lengths.dtype not in LENGTH_DTYPES:
-        found += checks.check_dtype(table, "block_tables", (torch.int32,))
-        found += checks.check_dtype(lengths, "seq_lens", LENGTH_DTYPES)
-        if table.dtype.is_floating_point or table.dtype == torch.bool or lengths.dtype.is_floating_point:
-            return found  # the kernel would not read these values as page ids
-    if table.device != device or lengths.device != device or k.device != device or v.device != device:
-        for tensor, arg in ((table, "block_tables"), (lengths, "seq_lens"), (k, k_name), (v, v_name)):
-            found += checks.check_device(tensor, arg, device, "query")
+    if not _dtypes_and_devices(found, device, table, lengths, others=((k, k_name), (v, v_name))):
         return found
 
     # Table form: a 2D view [rows, W] for the checks, and how to name an entry of it.
@@ -185,28 +211,20 @@ def trtllm_batch_decode_with_kv_cache(call):
     else:
         def index_of(r, c):
             return (r, c)
-    if lengths.dtype == torch.uint32:  # few CPU ops take uint32
-        lengths = lengths.to(torch.int64)
-
-    def length_index(r):
-        return index_of(r, 0)[:-1]
-
-    bounds = checks.length_bounds(lengths)
-    found += checks.check_lengths(lengths, "seq_lens", bounds, max_seq_len, index_of=length_index)
-    found += checks.check_lengths_fit(lengths, "seq_lens", bounds, page_size, width, "block_tables",
-                                      index_of=length_index)
-    capability = _capability(call, device)
-    backend = resolve_backend(backend, device, capability)
-    tile = _xqa_tile(k, query.shape[-1], max_q_len or q_len, capability)
-
+    lengths = _length_checks(found, lengths, page_size, width, max_seq_len,
+                             index_of=lambda r: index_of(r, 0)[:-1])
     def region():
         """Columns each row reads (computed only when something is out of range)."""
-        if backend != "xqa" and not sparse:
+        capability = _capability(call, device)
+        kernel = resolve_backend(backend, device, capability)
+        if kernel != "xqa" and not sparse:
             return None, None  # trtllm-gen: the whole row counts as read
         lens = lengths.to(torch.int64)
         end = checks.ceil_div(lens.clamp(min=0), page_size).clamp(max=width)
-        first = _window_first_page(lens, window_left, max_q_len or q_len, page_size, tile) if backend == "xqa" else None
-        return first, end
+        if kernel != "xqa":
+            return None, end
+        tile = _xqa_tile(k, query.shape[-1], max_q_len or q_len, capability)
+        return _window_first_page(lens, window_left, max_q_len or q_len, page_size, tile), end
 
     if shared or sparse:
         view = table if not sparse else table.reshape(-1, width)
@@ -288,17 +306,7 @@ def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages,
     ``"lengths"`` (row i reads columns ``first[i] <= j < ceil(len_i / ps)``) or ``"row"``
     (every column counts as read). Appends to ``found`` and returns it.
     """
-    if table.dtype != torch.int32 or (lengths is not None and lengths.dtype not in LENGTH_DTYPES):
-        found += checks.check_dtype(table, table_arg, (torch.int32,))
-        if lengths is not None:
-            found += checks.check_dtype(lengths, lengths_arg, LENGTH_DTYPES)
-        if table.dtype.is_floating_point or table.dtype == torch.bool or (
-                lengths is not None and lengths.dtype.is_floating_point):
-            return found
-    bad_device = [(t, a) for t, a in ((table, table_arg), (lengths, lengths_arg)) if t is not None and t.device != device]
-    if bad_device:
-        for tensor, arg in bad_device:
-            found += checks.check_device(tensor, arg, device, "query")
+    if not _dtypes_and_devices(found, device, table, lengths, table_arg, lengths_arg):
         return found
     form = "[batch, 2, W]" if kv_split else "[batch, W]"
     if table.dim() != (3 if kv_split else 2) or (kv_split and table.shape[1] != 2) or (
@@ -314,11 +322,7 @@ def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages,
                                    f"{table_arg} implies ({table.shape[0]},)", value=tuple(lengths.shape),
                                    bound=(table.shape[0],)))
             return found
-        if lengths.dtype == torch.uint32:
-            lengths = lengths.to(torch.int64)
-        bounds = checks.length_bounds(lengths)
-        found += checks.check_lengths(lengths, lengths_arg, bounds, max_len, max_len_arg=max_len_arg)
-        found += checks.check_lengths_fit(lengths, lengths_arg, bounds, page_size, width, table_arg)
+        lengths = _length_checks(found, lengths, page_size, width, max_len, lengths_arg, table_arg, max_len_arg)
 
     def region():
         if region_kind == "row" or lengths is None:
