@@ -351,3 +351,21 @@ def _now():
 def call_through(fn):
     """Run one SGLang forward; True when its kernel call reached FlashInfer."""
     return reaches_flashinfer(fn)
+
+
+CONFIGS = {  # name: (make_engine kwargs, MTP draft tokens)
+    "page64-swa-mtp3": (dict(page_size=64, swa=True), 3),
+    "page1-full-decode": (dict(page_size=1, swa=False), 0),
+    "page64-full-decode": (dict(page_size=64, swa=False), 0),
+    "page1-swa-mtp2": (dict(page_size=1, swa=True), 2),
+}
+
+
+def realistic_scheduler(name: str):
+    """The seeded realistic sequence of configuration ``name`` (the same every run)."""
+    import zlib
+
+    kwargs, draft = CONFIGS[name]
+    engine = make_engine(draft_tokens=draft, **kwargs)
+    return engine, Scheduler(engine, seed=zlib.crc32(name.encode()) % 1000, draft_tokens=draft, max_running=6,
+                             on_call=call_through)

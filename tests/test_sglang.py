@@ -42,20 +42,11 @@ SGLANG_CALL_SITE = "trtllm_mha_backend.py:1511 in run_group"
 SEED_PAGES = 8657  # the seed: page index 8657 of an 8657-page SWA K cache
 SEED_PAGE_SIZE = 64
 
-CONFIGS = {  # name: (make_engine kwargs, MTP draft tokens)
-    "page64-swa-mtp3": (dict(page_size=64, swa=True), 3),
-    "page1-full-decode": (dict(page_size=1, swa=False), 0),
-    "page64-full-decode": (dict(page_size=64, swa=False), 0),
-    "page1-swa-mtp2": (dict(page_size=1, swa=True), 2),
-}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(sd.CONFIGS))
 def test_realistic_sequence_has_no_errors(name):
-    kwargs, draft = CONFIGS[name]
-    engine = sd.make_engine(draft_tokens=draft, **kwargs)
-    sched = sd.Scheduler(engine, seed=hash(name) % 1000, draft_tokens=draft, max_running=6,
-                         on_call=sd.call_through)
+    engine, sched = sd.realistic_scheduler(name)
     with PagedSanitizer(mode="raise") as san:
         stats = sched.run(STEPS)
     sched.drain()
@@ -65,7 +56,7 @@ def test_realistic_sequence_has_no_errors(name):
     assert all(v.caller.endswith(SGLANG_CALL_SITE) for v in san.reports)
     assert stats.calls == 2 * (stats.decode_steps + stats.verify_steps)  # one call per layer
     assert stats.finished > 0 and stats.extend_steps > 0
-    if draft:
+    if sd.CONFIGS[name][1]:  # MTP draft tokens
         assert stats.verify_steps > STEPS // 2 and stats.decode_steps == 0
     else:
         assert stats.decode_steps > STEPS // 2

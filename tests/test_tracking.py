@@ -37,11 +37,7 @@ from tsan_paged.config import ConfigError  # noqa: E402
 STEPS = int(os.environ.get("TSAN_PAGED_TRACKING_STEPS", "200"))
 SGLANG_CALL_SITE = "trtllm_mha_backend.py:1511 in run_group"
 
-CONFIGS = {  # name: (make_engine kwargs, MTP draft tokens)
-    "page64-swa-mtp3": (dict(page_size=64, swa=True), 3),
-    "page1-swa-mtp2": (dict(page_size=1, swa=True), 2),
-    "page64-full-decode": (dict(page_size=64, swa=False), 0),
-}
+TRACKED = ("page64-swa-mtp3", "page1-swa-mtp2", "page64-full-decode")  # sglang_driver.CONFIGS run with track_pages
 
 
 def leaves(allocator):
@@ -75,12 +71,9 @@ def kernel_buffers_map_to_pools(engine):
             assert leaf is engine.allocator
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", TRACKED)
 def test_realistic_sequence_has_no_page_not_allocated(name):
-    kwargs, draft = CONFIGS[name]
-    engine = sd.make_engine(draft_tokens=draft, **kwargs)
-    sched = sd.Scheduler(engine, seed=hash(name) % 1000, draft_tokens=draft, max_running=6,
-                         on_call=sd.call_through)
+    engine, sched = sd.realistic_scheduler(name)
     with PagedSanitizer(mode="raise", track_pages=True) as san:
         stats = sched.run(STEPS)
         kernel_buffers_map_to_pools(engine)
