@@ -28,7 +28,7 @@ try:
     import sglang.srt.layers.attention.trtllm_mha_backend  # noqa: F401
 except Exception as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"sglang 0.5.23 is not importable here ({type(exc).__name__}: {exc}); "
-                "install it with .ci/run's two sglang lines", allow_module_level=True)
+                "`.ci/install full` installs it (the core tier leaves it out)", allow_module_level=True)
 
 import torch  # noqa: E402
 
