@@ -306,6 +306,38 @@ def test_wrapper_fault_found_at_run_then_at_plan(cls, leading, _, monkeypatch):
 
 
 @pytest.mark.parametrize("cls,leading,_", WRAPPERS)
+def test_wrapper_aliases_begin_forward_and_run_return_lse_are_checked(cls, leading, _, monkeypatch):
+    """FlashInfer's own aliases: ``begin_forward = plan`` (what SGLang's FlashInfer backend calls)
+    and ``run_return_lse = functools.partialmethod(run, return_lse=True)``. Valid: zero reports
+    and both reach FlashInfer; the same fault as above is found through each; restored exactly."""
+    aliases = (cls.__dict__["begin_forward"], cls.__dict__["run_return_lse"])
+    qo_indptr = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
+    kv = torch.zeros(1, 2, 16, 2, 64, dtype=torch.float16).expand(40, 2, 16, 2, 64)
+    q = torch.zeros(4, 4, 64, dtype=torch.float16)
+    indptr, indices, last = csr([3, 0, 2, 5], num_pages=40)
+    with PagedSanitizer(mode="raise") as san:
+        wrapper = make_wrapper(cls, monkeypatch)
+        assert reached(wrapper.begin_forward, *leading(qo_indptr), indptr, indices, last, 4, 2, 64, 16)
+        assert reached(wrapper.run_return_lse, q, kv)
+    assert san.reports == []
+
+    indices[4] = 40  # row 2, its second page: one past the end of a 40-page cache
+    name = "indices" if cls is flashinfer.BatchDecodeWithPagedKVCacheWrapper else "paged_kv_indices"
+    expected = [("page-out-of-range", name, (2, 1), 40, 40)]
+    with PagedSanitizer(mode="raise"):
+        wrapper = make_wrapper(cls, monkeypatch)
+        reached(wrapper.begin_forward, *leading(qo_indptr), indptr, indices, last, 4, 2, 64, 16)
+        with pytest.raises(PageTableViolation) as at_run:
+            wrapper.run_return_lse(q, kv)
+        with pytest.raises(PageTableViolation) as at_plan:  # the page count is known from the run now
+            wrapper.begin_forward(*leading(qo_indptr), indptr, indices, last, 4, 2, 64, 16)
+    assert found_of(at_run) == expected and at_run.value.violations[0].op.endswith(".run")
+    assert found_of(at_plan) == expected and at_plan.value.violations[0].op.endswith(".plan")
+    assert (cls.__dict__["begin_forward"], cls.__dict__["run_return_lse"]) == aliases
+    assert cls.__dict__["begin_forward"] is cls.__dict__["plan"]
+
+
+@pytest.mark.parametrize("cls,leading,_", WRAPPERS)
 def test_wrapper_plan_structure_and_page_size(cls, leading, _, monkeypatch):
     indptr, indices, last = csr([3, 1], num_pages=40, last=[17, 4])
     qo_indptr = torch.tensor([0, 1, 2], dtype=torch.int32)

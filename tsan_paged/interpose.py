@@ -11,10 +11,14 @@ PyTorch dispatcher, so they are caught at their Python entry point. A target
 - in modules imported later while active: an import hook patches a target module when it
   is first imported and rebinds names in every module imported afterwards.
 
+A method target ``"pkg.mod:Cls.meth"`` is also wrapped under the class's aliases of it, in
+the class and its subclasses: another name for the same function (FlashInfer's
+``begin_forward = plan``) and a ``functools.partialmethod`` of it (``run_return_lse``).
+
 Everything is put back exactly on :meth:`Interposer.restore`: a name is restored only if it
-still holds our wrapper (a name the program rebound meanwhile is left alone). Bindings this
-cannot see: references captured before the sanitizer started in closures, class attributes,
-``functools.partial`` objects and containers.
+still holds what we put there (a name the program rebound meanwhile is left alone). Bindings
+this cannot see: references captured before the sanitizer started in closures, other classes'
+attributes, ``functools.partial`` objects and containers.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ class Patched:
     wrapper: Callable = None
     binder: Optional[SignatureBinder] = None
     library_dirs: tuple = ()
-    sites: list = field(default_factory=list)  # [(namespace dict or object, name)]
+    sites: list = field(default_factory=list)  # [(namespace dict or object, name)] now holding wrapper
+    aliases: list = field(default_factory=list)  # [(class, name, old value, new value)]: class aliases
 
 
 class Interposer:
@@ -83,6 +88,9 @@ class Interposer:
                             namespace[name] = patched.original
                     elif getattr(namespace, name, None) is patched.wrapper:
                         setattr(namespace, name, patched.original)
+                for cls, name, old, new in patched.aliases:
+                    if cls.__dict__.get(name) is new:
+                        setattr(cls, name, old)
             self.patched.clear()
             self.pending.clear()
             self._by_id.clear()
@@ -125,8 +133,31 @@ class Interposer:
         else:  # e.g. a class attribute bound through a descriptor
             setattr(owner, name, patched.wrapper)
             patched.sites.append((owner, name))
+        if isinstance(owner, type):
+            self._wrap_class_aliases(owner, patched)
         if self.on_patched is not None:
             self.on_patched(patched)
+
+    @staticmethod
+    def _wrap_class_aliases(cls: type, patched: Patched) -> None:
+        """Other names for the wrapped method in ``cls`` and its subclasses: the same function
+        (``begin_forward = plan``) or a ``partialmethod`` of it (``run_return_lse``)."""
+        classes, seen = [cls], set()
+        while classes:
+            klass = classes.pop()
+            if klass in seen:
+                continue
+            seen.add(klass)
+            classes.extend(klass.__subclasses__())
+            for name, value in list(vars(klass).items()):
+                if value is patched.original:
+                    new = patched.wrapper
+                elif isinstance(value, functools.partialmethod) and value.func is patched.original:
+                    new = functools.partialmethod(patched.wrapper, *value.args, **value.keywords)
+                else:
+                    continue
+                setattr(klass, name, new)
+                patched.aliases.append((klass, name, value, new))
 
     def _make_wrapper(self, patched: Patched):
         on_call = self.on_call
