@@ -2,7 +2,8 @@
 # Everything issue 7 measures on the lent H100, in one command (from the repo root):
 #   ../shared/gpu/fetch-wheels.sh .device-wheels      # here, once: FlashInfer + tvm-ffi wheels
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".device-wheels"])
-# Logs go to $OUT (or ./gpu_out). Steps: install, GPU tests, benchmarks, compute-sanitizer.
+# Logs go to $OUT (or ./gpu_out). Steps: install, then STEPS (default tests,bench,memcheck; also probe:
+# benchmarks/gpu_graph_probe.py) in the order probe, tests, bench, memcheck.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests,bench,memcheck}
@@ -12,6 +13,9 @@ export PYTHONPATH=$SITE:$PWD FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONUN
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
 python3 -c "import loguru" 2>/dev/null || echo "loguru missing" | tee -a "$OUT/env.txt"
+if [[ $STEPS == *probe* ]]; then
+  python3 benchmarks/gpu_graph_probe.py 2>&1 | tee "$OUT/gpu_graph_probe.log" | grep -v Warning | tail -40
+fi
 if [[ $STEPS == *tests* ]]; then
   python3 -m pytest tests/gpu -q -rA -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "^\s+[0-9]+ x " | tail -60
 fi

@@ -109,6 +109,7 @@ BIG = 0x7FFFFFFFFFFFFFFF
 INT32_MAX = 2**31 - 1
 
 ACTION_CODES = {"none": 0, "trap": 1, "guard": 2}
+ACTION_TRAP = ACTION_CODES["trap"]
 REGION_XQA, REGION_END, REGION_ROW = 0, 1, 2
 XQA_TILE_TOKENS = 256  # default sliding-window tile (mha.cu); rules pass the kernel's own (64 for mha_sm90.cu)
 
@@ -563,7 +564,8 @@ def run_check(plan: Plan, table: torch.Tensor, lengths: torch.Tensor, slot: torc
     if lengths.dtype != torch.int32:  # uint32 lengths: same bits, read as unsigned
         lengths = lengths.view(torch.int32)
     kernel = _kernel(interpret)
-    trap_enabled = (not interpret) if trap_enabled is None else trap_enabled
+    if trap_enabled is None:  # the trap code (device_print + trap) is compiled in only where it can run
+        trap_enabled = not interpret and action == "trap"
     if interpret:
         pdl = False
     elif pdl is None:
@@ -699,10 +701,13 @@ def launch(ring: Ring, plan: Plan, table: torch.Tensor, lengths: torch.Tensor, s
     tptr = table.data_ptr()
     lptr = lengths.data_ptr()
     align = plan.align if tptr % 16 == 0 else 1
+    # The trap code (device_print + trap) only in the trap action's kernel: the guard and none
+    # kernels are smaller and print nothing.
+    trap_enabled = action == ACTION_TRAP
     key = (plan.block_w, plan.sub_r, plan.lblock, plan.fblock, plan.num_warps, align, tptr % 16 == 0, lptr % 16 == 0,
-           ring.pdl)
+           ring.pdl, trap_enabled)
     compiled = ring.launchers.get(key)
-    tail = _tail(plan, sticky, action, errs, align, True, ring.pdl)
+    tail = _tail(plan, sticky, action, errs, align, trap_enabled, ring.pdl)
     if compiled is not None:
         compiled.run(plan.grid, 1, 1, ring.stream_of(ring.index), compiled.function, compiled.packed_metadata,
                      None, None, None, tptr, lptr, ring.base + slot * SLOT_WORDS * 8, *tail)
