@@ -103,12 +103,15 @@ def planted_double_use(engine, sched, row=1):
     return planted
 
 
-@pytest.mark.parametrize("page_size", [64, 1])
-def test_request_freed_while_read_is_caught_with_the_free_stack(page_size, dump_dir):
+@pytest.mark.parametrize("page_size,device_table", [(64, False), (1, False), (64, True)])
+def test_request_freed_while_read_is_caught_with_the_free_stack(page_size, device_table, dump_dir):
+    """device_table: the tables as if on a GPU (the device kernel's path, under Triton's
+    interpreter): track_pages still checks them (through the torch path)."""
     engine = sd.make_engine(page_size=page_size, swa=False)
     sched = sd.Scheduler(engine, seed=7, max_running=6, on_call=sd.call_through)
     planted = planted_double_use(engine, sched)
     with PagedSanitizer(mode="raise", track_pages=True, dump_dir=dump_dir) as san:
+        san.options.device_interpret = device_table
         with pytest.raises(PageTableViolation) as info:
             for _ in range(300):
                 sched.step()

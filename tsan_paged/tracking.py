@@ -445,6 +445,12 @@ def stop(sanitizer) -> None:
     tracker.stop()
 
 
+def tracking(call) -> bool:
+    """Whether page tracking is on for this call (its rule must run :func:`check_read_pages`)."""
+    page_tracker = getattr(call.options, "page_tracker", None)
+    return page_tracker is not None and page_tracker.active
+
+
 def check_read_pages(call, views, tensors, lengths, page_size: int) -> list:
     """``page-not-allocated`` findings of a decode call's table (``[]`` unless tracking).
 
@@ -452,7 +458,6 @@ def check_read_pages(call, views, tensors, lengths, page_size: int) -> list:
     the KV buffer each view indexes (``(k, v)``, in the same order); ``lengths``: per-row
     KV lengths.
     """
-    page_tracker = getattr(call.options, "page_tracker", None)
-    if page_tracker is None or not page_tracker.active:
+    if not tracking(call):
         return []
-    return page_tracker.check_read(call, views, tensors, lengths, page_size)
+    return call.options.page_tracker.check_read(call, views, tensors, lengths, page_size)
