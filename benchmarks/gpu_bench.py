@@ -85,6 +85,19 @@ def graph_of(fn):
     return g
 
 
+def probe_step(batch=64, ctx=4096):
+    """The decode step the probes (gpu_graph_probe.py, gpu_slowdown_probe.py) take apart, checked
+    once under the sanitizer so that the device ring and the call's plan exist:
+    ``(kwargs, out, ring, plan)``."""
+    kv = make_kv(32768, seed=7)
+    b = make_batch(batch, ctx, kv, seed=1, min_frac=0.9)
+    out = decode(**b)
+    with PagedSanitizer(mode="log"):
+        decode(**b, out=out)
+    ring = next(iter(device._rings.values()))
+    return b, out, ring, next(e.plan for e in ring.entries.values())
+
+
 def bench(batch, ctx, kv):
     b = make_batch(batch, ctx, kv, seed=batch + ctx, min_frac=0.9)
     out = decode(**b)

@@ -7,8 +7,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
-from gpu_batches import decode, make_batch, make_kv  # noqa: E402
-from gpu_bench import gpu_loop_us, graph_of  # noqa: E402
+from gpu_batches import decode  # noqa: E402
+from gpu_bench import gpu_loop_us, graph_of, probe_step  # noqa: E402
 from tsan_paged import PagedSanitizer, device  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -19,14 +19,8 @@ def touch(table_ptr, out_ptr):
     tl.store(out_ptr, tl.load(table_ptr).to(tl.int64))
 
 
-kv = make_kv(32768, seed=7)
-b = make_batch(64, 4096, kv, seed=1, min_frac=0.9)
-out = decode(**b)
+b, out, ring, plan = probe_step()
 table, lens = b["block_tables"], b["seq_lens"]
-with PagedSanitizer(mode="log"):
-    decode(**b, out=out)
-ring = next(iter(device._rings.values()))
-plan = next(e.plan for e in ring.entries.values())
 graphs = {
     "xqa": graph_of(lambda: decode(**b, out=out)),
     "tiny+xqa": graph_of(lambda: (lens.add_(0), decode(**b, out=out))),

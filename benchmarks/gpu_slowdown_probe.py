@@ -16,12 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
 sys.path.insert(0, os.path.dirname(__file__))
-import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from gpu_batches import decode, make_batch, make_kv  # noqa: E402
-from gpu_bench import gpu_loop_us, graph_of  # noqa: E402
-from tsan_paged import PagedSanitizer, device  # noqa: E402
+from gpu_batches import decode  # noqa: E402
+from gpu_bench import gpu_loop_us, graph_of, probe_step  # noqa: E402
+from tsan_paged import device  # noqa: E402
 
 
 @triton.jit
@@ -39,14 +38,8 @@ def reduce(table_ptr, lens_ptr, out_ptr, N, R, BLOCK: tl.constexpr, RB: tl.const
     tl.store(out_ptr, (tl.max(acc, axis=0) + tl.max(lens, axis=0)).to(tl.int64))
 
 
-kv = make_kv(32768, seed=7)
-b = make_batch(64, 4096, kv, seed=1, min_frac=0.9)
-out = decode(**b)
+b, out, ring, plan = probe_step()
 table, lens = b["block_tables"], b["seq_lens"]
-with PagedSanitizer(mode="log"):
-    decode(**b, out=out)
-ring = next(iter(device._rings.values()))
-plan = next(e.plan for e in ring.entries.values())
 plan1 = copy.copy(plan)
 plan1.num_warps, plan1.tails = 1, {}
 print("plan: grid", plan.grid, "warps", plan.num_warps, "table", tuple(table.shape), flush=True)
