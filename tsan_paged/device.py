@@ -58,7 +58,8 @@ What happens on a finding (config keys ``device_path``, ``device_action``, ``dev
     context).
 
 ``device_path="torch"`` turns the device path off (the torch checks, which sync); it is
-also used for tables that are not int32 and when ``duplicate-page`` is switched on.
+also used for tables that are not int32, when ``duplicate-page`` is switched on, and while
+``track_pages`` is on (the kernel has no page-state check).
 The first check of each table-width bucket compiles the kernel (about a second): make the
 first calls eagerly, before capturing graphs (serving engines warm up that way anyway).
 """
