@@ -445,7 +445,7 @@ def stop(sanitizer) -> None:
     tracker.stop()
 
 
-def tracking(call) -> bool:
+def enabled(call) -> bool:
     """Whether page tracking is on for this call (its rule must run :func:`check_read_pages`)."""
     page_tracker = getattr(call.options, "page_tracker", None)
     return page_tracker is not None and page_tracker.active
@@ -458,6 +458,6 @@ def check_read_pages(call, views, tensors, lengths, page_size: int) -> list:
     the KV buffer each view indexes (``(k, v)``, in the same order); ``lengths``: per-row
     KV lengths.
     """
-    if not tracking(call):
+    if not enabled(call):
         return []
     return call.options.page_tracker.check_read(call, views, tensors, lengths, page_size)

@@ -201,7 +201,7 @@ def trtllm_batch_decode_with_kv_cache(call):
     # page-not-allocated need the torch checks below (which sync on a CUDA table).
     interpret = getattr(call.options, "device_interpret", False)  # tests: the device kernel on CPU tensors
     if (device_mod.enabled(table, lengths) or (interpret and device_mod.interpretable(table, lengths))) \
-            and not call.wants("duplicate-page") and not tracking.tracking(call):
+            and not call.wants("duplicate-page") and not tracking.enabled(call):
         return found + _device_checks(call, table, lengths, k, v, k_name, v_name, page_size, batch, width,
                                       max_seq_len, window_left, backend, max_q_len or q_len, shared, sparse)
 
