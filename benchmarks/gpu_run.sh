@@ -3,7 +3,7 @@
 #   ../shared/gpu/fetch-wheels.sh .device-wheels      # here, once: FlashInfer + tvm-ffi wheels
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".device-wheels"])
 # Logs go to $OUT (or ./gpu_out). Steps: install, then STEPS (default tests,bench,memcheck; also probe:
-# benchmarks/gpu_graph_probe.py) in the order probe, tests, bench, memcheck.
+# benchmarks/gpu_slowdown_probe.py and gpu_graph_probe.py) in the order probe, tests, bench, memcheck.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests,bench,memcheck}
@@ -14,6 +14,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
 python3 -c "import loguru" 2>/dev/null || echo "loguru missing" | tee -a "$OUT/env.txt"
 if [[ $STEPS == *probe* ]]; then
+  python3 benchmarks/gpu_slowdown_probe.py 2>&1 | grep -vi warn | tee "$OUT/gpu_slowdown_probe.log" | tail -8
   python3 benchmarks/gpu_graph_probe.py 2>&1 | tee "$OUT/gpu_graph_probe.log" | grep -v Warning | tail -40
 fi
 if [[ $STEPS == *tests* ]]; then

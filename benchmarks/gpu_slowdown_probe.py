@@ -7,12 +7,25 @@ Each graph is "<something> then xqa"; GPU us per replay (medians, two passes). V
 - the check kernel as launched (4 warps), with 1 warp (intra-warp reductions: no shared memory);
 - the check kernel after its function's preferred shared-memory carveout is set to 100%
   (what xqa needs), so the SM need not be reconfigured between the two kernels;
-- check, then a tiny torch op, then xqa.
+- check, then a tiny torch op, then xqa;
+- variants of the check kernel, built from its own source (``kernel_variant``): without the
+  launch-counter atomic, without the slow path compiled in (``if flag != 0`` made ``if False``),
+  without the PDL signal, and all three; they isolate what the check does beyond ``reduce``.
+
+``python benchmarks/gpu_slowdown_probe.py --selftest`` (CPU) builds the variants and runs them
+under Triton's interpreter on a valid and a faulty table, so a GPU run does not fail on them.
 """
 import copy
 import ctypes
+import importlib.util
+import inspect
 import os
 import sys
+import tempfile
+import textwrap
+
+if "--selftest" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton's import
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu"))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -37,6 +50,57 @@ def reduce(table_ptr, lens_ptr, out_ptr, N, R, BLOCK: tl.constexpr, RB: tl.const
     lens = tl.load(lens_ptr + tl.arange(0, RB), mask=tl.arange(0, RB) < R, other=0)
     tl.store(out_ptr, (tl.max(acc, axis=0) + tl.max(lens, axis=0)).to(tl.int64))
 
+
+VARIANTS = {  # name -> [(text in _check_kernel_src, replacement)]
+    "nocount": [('tl.atomic_add(slot_ptr + _K_CALLS, 1, sem="relaxed")', "pass")],
+    "fastonly": [("\n    if flag != 0:\n", "\n    if False:\n")],
+}
+VARIANTS["fastonly_nocount"] = VARIANTS["nocount"] + VARIANTS["fastonly"]
+
+
+def kernel_variant(name, interpret=False):
+    """The check kernel's source with VARIANTS[name] applied, jitted (or interpreted)."""
+    src = textwrap.dedent(inspect.getsource(device._check_kernel_src))
+    for old, new in VARIANTS[name]:
+        assert old in src, (name, old)
+        src = src.replace(old, new)
+    consts = [n for n in vars(device) if n.startswith("_K_")]
+    path = os.path.join(tempfile.mkdtemp(), f"check_variant_{name}.py")
+    with open(path, "w") as f:  # Triton reads a kernel's source from its file
+        f.write("import triton\nimport triton.language as tl\n"
+                f"from tsan_paged.device import {', '.join(consts)}\n\n{src}")
+    spec = importlib.util.spec_from_file_location(f"check_variant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(module._check_kernel_src)
+    return triton.jit(module._check_kernel_src, do_not_specialize=list(range(3, 23)))
+
+
+def launch_variant(kernel, p, table, lens, slot, pdl, interpret=False):
+    args = device._args(p, table, lens, slot, 1, device.ACTION_CODES["guard"], 0x7F, False, 1, pdl)
+    return kernel[(p.grid,)](*args) if interpret else kernel[(p.grid,)](*args, num_warps=p.num_warps)
+
+
+if "--selftest" in sys.argv:
+    import torch
+
+    views = (("kv_cache", 100, None),)
+    p = device.plan_for(4, 8, views, 16, None, device.REGION_XQA, -1, 1, False)
+    table = torch.randint(0, 100, (4, 8), dtype=torch.int32)
+    lens = torch.full((4,), 100, dtype=torch.int32)
+    for name in VARIANTS:
+        kernel = kernel_variant(name, interpret=True)
+        for bad in (False, True):
+            t = table.clone()
+            if bad:
+                t[2, 3] = 100
+            slot = torch.zeros(device.SLOT_WORDS, dtype=torch.int64)
+            launch_variant(kernel, p, t, lens, slot, pdl=False, interpret=True)
+            print(name, "bad" if bad else "valid", "calls", int(slot[device.CALLS]),
+                  "findings", device.decode(p, slot[device.CALLS:].tolist()))
+    sys.exit(0)
 
 b, out, ring, plan = probe_step()
 table, lens = b["block_tables"], b["seq_lens"]
@@ -74,6 +138,15 @@ def show(tag):
         print(tag, "us per replay", res, flush=True)
 
 
+variants = {name: kernel_variant(name) for name in VARIANTS}
+for i, (name, kernel) in enumerate(variants.items()):
+    graphs[f"{name}+xqa"] = graph_of(lambda k=kernel, i=i: (launch_variant(k, plan, table, lens, ring.words[20 + i],
+                                                                           pdl=True), decode(**b, out=out)))
+graphs["nopdl_signal+xqa"] = graph_of(lambda: (launch_variant(device._kernel(False), plan, table, lens, ring.words[30],
+                                                              pdl=False), decode(**b, out=out)))
+graphs["fastonly_nocount_nopdl+xqa"] = graph_of(lambda: (launch_variant(variants["fastonly_nocount"], plan, table, lens,
+                                                                        ring.words[31], pdl=False),
+                                                         decode(**b, out=out)))
 show("before carveout:")
 # Every compiled check kernel (and the reduce kernel): prefer the largest shared-memory carveout.
 libcuda = ctypes.CDLL("libcuda.so.1")
