@@ -79,7 +79,8 @@ def kernel_variant(name, interpret=False):
 
 
 def launch_variant(kernel, p, table, lens, slot, pdl, interpret=False):
-    args = device._args(p, table, lens, slot, 1, device.ACTION_CODES["guard"], 0x7F, False, 1, pdl)
+    align = p.align if table.data_ptr() % 16 == 0 else 1  # as run_check and launch do
+    args = device._args(p, table, lens, slot, 1, device.ACTION_CODES["guard"], 0x7F, False, align, pdl)
     return kernel[(p.grid,)](*args) if interpret else kernel[(p.grid,)](*args, num_warps=p.num_warps)
 
 
