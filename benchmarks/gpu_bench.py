@@ -47,29 +47,28 @@ def gpu_loop_us(fn, n=50, repeats=7):
     return statistics.median(samples)
 
 
-def wall_loop_us(fn, n=50, repeats=7):
+def _host_loop_us(fn, n, repeats, wait_for_gpu):
     samples = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
-        torch.cuda.synchronize()
+        if wait_for_gpu:
+            torch.cuda.synchronize()
         samples.append((time.perf_counter() - t0) * 1e6 / n)
+    torch.cuda.synchronize()
     return statistics.median(samples)
+
+
+def wall_loop_us(fn, n=50, repeats=7):
+    """Wall time per call, the GPU's work included (synced at the end of each timed loop)."""
+    return _host_loop_us(fn, n, repeats, wait_for_gpu=True)
 
 
 def host_us(fn, n=100, repeats=9):
     """Host time per call, the GPU never the bottleneck (sync between batches, not timed)."""
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - t0) * 1e6 / n)
-    torch.cuda.synchronize()
-    return statistics.median(samples)
+    return _host_loop_us(fn, n, repeats, wait_for_gpu=False)
 
 
 def graph_of(fn):
