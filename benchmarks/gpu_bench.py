@@ -8,7 +8,9 @@ For batch 64 and 256 and contexts 4k and 32k (page 64, bf16, 8 KV heads, GQA 4, 
 - seed check: ``table.max().item()`` + ``table.min().item()`` before each eager decode;
 - sync path: ``PagedSanitizer(mode="raise")`` (one device check + one sync per call);
 - sync-free eager: ``PagedSanitizer(mode="log")`` (deferred, guard);
-- graph: the decode step captured under the sanitizer, time per replay;
+- graph: the decode step captured under the sanitizer, time per replay, minus the bare decode's:
+  three captures of each, timed in turns over three passes, medians (the bare captures' spread
+  says what a difference below it is worth);
 - host: host time a call spends in the sanitizer (bind + rule + launch), and the check
   kernel's own GPU time.
 Eager figures are "added to a step" in a loop of decode calls: (loop time with - without) / n.
@@ -59,6 +61,20 @@ def _host_loop_us(fn, n, repeats, wait_for_gpu):
         samples.append((time.perf_counter() - t0) * 1e6 / n)
     torch.cuda.synchronize()
     return statistics.median(samples)
+
+
+def interleaved_us(graphs, passes=3, n=20, repeats=5):
+    """GPU us per replay of each graph, timed in turns (every graph once per pass), so that the GPU's
+    drift over the run hits all of them alike: ``{name: [median of each pass]}``."""
+    times = {name: [] for name in graphs}
+    for _ in range(passes):
+        for name, g in graphs.items():
+            times[name].append(gpu_loop_us(g.replay, n=n, repeats=repeats))
+    return times
+
+
+def median_of(times, prefix):
+    return statistics.median(t for name, ts in times.items() if name.startswith(prefix) for t in ts)
 
 
 def wall_loop_us(fn, n=50, repeats=7):
@@ -112,6 +128,9 @@ def bench(batch, ctx, kv):
 
     bare()
     g_bare = graph_of(bare)
+    # Graph timings compare several captures of each, in turns: one capture's replay time can sit a
+    # microsecond or more off another's, and a 2.7-10.9 ms decode drifts by more than that over a run.
+    replays = {f"bare{i}": g_bare if i == 0 else graph_of(bare) for i in range(3)}
     # PDL comparison baselines: FlashInfer's enable_pdl on and off, captured with no sanitizer active
     pdl_bare = {}
     for enable_pdl in (True, False):
@@ -142,14 +161,24 @@ def bench(batch, ctx, kv):
             g_san = graph_of(bare)
             for _ in range(10):
                 g_san.replay()
+            for i in range(3):
+                replays[f"san{i}"] = g_san if i == 0 else graph_of(bare)
             row["host_syncs"] = 0
         except RuntimeError as exc:
             row["host_syncs"] = f"sync: {str(exc).splitlines()[0]}"
             g_san = graph_of(bare) if "g_san" not in locals() else g_san
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        row["graph_san_us"] = gpu_loop_us(g_san.replay, n=20)
-        row["graph_bare_us_again"] = gpu_loop_us(g_bare.replay, n=20)
+        with PagedSanitizer(mode="abort"):  # device_action "auto" is trap there: the kernel with the trap code
+            bare()
+            replays["trap0"] = graph_of(bare)
+        times = interleaved_us(replays)
+        row["graph_replay_us"] = {name: [round(t, 2) for t in ts] for name, ts in times.items()}
+        row["graph_san_us"] = median_of(times, "san")
+        row["graph_bare_us"] = median_of(times, "bare")
+        bare_medians = [statistics.median(ts) for name, ts in times.items() if name.startswith("bare")]
+        row["graph_bare_spread_us"] = max(bare_medians) - min(bare_medians)
+        row["graph_trap_added_us"] = median_of(times, "trap") - row["graph_bare_us"]
         # the check kernel alone, in a graph (its GPU time per step)
         plan = next(e.plan for ring in device._rings.values() for e in ring.entries.values() if e.plan.rows == batch and e.plan.width == table.shape[1])
         ring = next(iter(device._rings.values()))
@@ -163,29 +192,18 @@ def bench(batch, ctx, kv):
         row["check_kernel_graph_us_notrap"] = gpu_loop_us(g_chk_nt.replay, n=200)
         g_empty = graph_of(lambda: b["seq_lens"].add_(0))
         row["tiny_kernel_graph_us"] = gpu_loop_us(g_empty.replay, n=200)
-        # the kernel alone, other launch shapes (entries per program, warps): what the plan's defaults cost
-        sweep = {}
-        for entries in (2048, 4096, 8192, 16384):
-            for warps in (4, 8):
-                p2 = device.make_plan(plan.rows, plan.width, plan.views, plan.page_size, plan.max_len, plan.region,
-                                      plan.window_left, plan.q_len, plan.len_unsigned, entries=entries,
-                                      num_warps=warps, guard_value=plan.guard_value)
-                g2 = graph_of(lambda: device.run_check(p2, table, b["seq_lens"], ring.words[4], sticky=1,
-                                                       action="guard", errs=0x7F, interpret=False))
-                sweep[f"{entries}/{warps}/grid{p2.grid}"] = round(gpu_loop_us(g2.replay, n=200), 2)
-        row["check_kernel_sweep_us"] = sweep
         # PDL: xqa is launched with programmatic dependent launch; the check kernel signals it (ring.pdl)
         # or not, and FlashInfer's enable_pdl on or off. Graph replays, GPU time per step.
-        pdl = {}
+        pdl_graphs = {}
         for enable_pdl in (True, False):
             def bare_p(enable_pdl=enable_pdl):
                 decode(**b, out=out, enable_pdl=enable_pdl)
-            pdl[f"bare_pdl{int(enable_pdl)}"] = gpu_loop_us(pdl_bare[enable_pdl].replay, n=20)
+            pdl_graphs[f"bare_pdl{int(enable_pdl)}"] = pdl_bare[enable_pdl]
             for signal in (True, False):
                 ring.pdl = signal and device._pdl(table.device)
-                gs = graph_of(bare_p)
-                pdl[f"san_pdl{int(enable_pdl)}_signal{int(signal)}"] = gpu_loop_us(gs.replay, n=20)
+                pdl_graphs[f"san_pdl{int(enable_pdl)}_signal{int(signal)}"] = graph_of(bare_p)
         ring.pdl = device._pdl(table.device)
+        pdl = {name: statistics.median(ts) for name, ts in interleaved_us(pdl_graphs, passes=2).items()}
         for k in list(pdl):
             if k.startswith("san_"):
                 pdl[k.replace("san_", "added_")] = round(pdl[k] - pdl["bare_pdl" + k[7]], 2)
@@ -213,11 +231,31 @@ def bench(batch, ctx, kv):
         san.flush()
         row["reports"] = len(san.reports)
     row["host_replay_us_bare"] = host_us(g_bare.replay, n=20)
+    # Other launch shapes (entries per program, warps): the check in front of the decode in one graph,
+    # minus the bare decode graph, which is what a replay pays (the kernel's own time does not show it:
+    # a heavier check kernel also makes xqa slower; benchmarks/gpu_slowdown_probe.py). Captured outside
+    # the sanitizer, which would check the decode call too.
+    shapes = {"bare0": g_bare, "bare1": replays["bare1"]}
+    for entries in (512, 1024, 2048, 4096, 8192):
+        for warps in (4,):
+            p2 = device.make_plan(plan.rows, plan.width, plan.views, plan.page_size, plan.max_len, plan.region,
+                                  plan.window_left, plan.q_len, plan.len_unsigned, entries=entries,
+                                  num_warps=warps, guard_value=plan.guard_value, tile=plan.tile)
+
+            def check_then_decode(p2=p2):
+                device.run_check(p2, table, b["seq_lens"], ring.words[4], sticky=1, action="guard",
+                                 errs=0x7F, interpret=False)
+                decode(**b, out=out)
+            shapes[f"{entries}/{warps}/grid{p2.grid}"] = graph_of(check_then_decode)
+    times = interleaved_us(shapes, passes=2)
+    bare_us = median_of(times, "bare")
+    row["check_kernel_sweep_us"] = {name: round(statistics.median(ts) - bare_us, 2) for name, ts in times.items()
+                                    if not name.startswith("bare")}
     row["fast_launch"] = bool(next(iter(device._rings.values())).launchers)
     for key in ("seed", "sync", "free"):
         row[f"{key}_added_us"] = row[f"{key}_eager_us"] - row["decode_eager_us"]
-    row["graph_added_us"] = row["graph_san_us"] - (row["decode_graph_us"] + row["graph_bare_us_again"]) / 2
-    row["graph_added_pct"] = 100 * row["graph_added_us"] / row["decode_graph_us"]
+    row["graph_added_us"] = row["graph_san_us"] - row["graph_bare_us"]
+    row["graph_added_pct"] = 100 * row["graph_added_us"] / row["graph_bare_us"]
     row["host_added_us"] = row["host_sanitized_call_us"] - row["host_bare_call_us"]
     return row
 
@@ -240,18 +278,21 @@ def main():
         json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
     print(f"\n{name}, torch {torch.__version__}; us per decode step (medians)")
     print("| batch x ctx | decode (graph) | seed check added | sync path added | sync-free eager added | "
-          "graph added (% of step) | check kernel GPU | host added per eager call (check only) | syncs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "graph added (% of step) | bare captures' spread | check kernel GPU | "
+          "host added per eager call (check only) | syncs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} x {r['ctx']} | {r['decode_graph_us']:.1f} | {r['seed_added_us']:+.1f} | "
+        print(f"| {r['batch']} x {r['ctx']} | {r['graph_bare_us']:.1f} | {r['seed_added_us']:+.1f} | "
               f"{r['sync_added_us']:+.1f} | {r['free_added_us']:+.1f} | {r['graph_added_us']:+.2f} "
-              f"({r['graph_added_pct']:.2f}%) | {r['check_kernel_graph_us']:.2f} | {r['host_added_us']:.1f} "
+              f"({r['graph_added_pct']:.2f}%) | {r['graph_bare_spread_us']:.2f} | {r['check_kernel_graph_us']:.2f} | {r['host_added_us']:.1f} "
               f"({r['host_check_only_us']:.1f}) | {r['host_syncs']} |")
+    print("added to a graph replay with the trap action (abort mode), us:",
+          {f"{r['batch']}x{r['ctx']}": round(r["graph_trap_added_us"], 2) for r in rows})
     print("check kernel alone in a graph, us: fast launch / run_check / without trap code / a 1-elem torch op")
     for r in rows:
         print(r["batch"], r["ctx"], round(r["check_kernel_graph_us"], 2), round(r["check_kernel_graph_us_runcheck"], 2),
               round(r["check_kernel_graph_us_notrap"], 2), round(r["tiny_kernel_graph_us"], 2))
-    print("check kernel sweep (entries/warps/grid: us in a graph):")
+    print("launch shapes (entries per program/warps/grid: us added to a graph replay of the decode):")
     for r in rows:
         print(r["batch"], r["ctx"], r["check_kernel_sweep_us"])
     print("PDL (graph replay us; added = san - bare at the same enable_pdl):")

@@ -454,7 +454,7 @@ def make_plan(rows: int, width: int, views: list, page_size: int, max_len, regio
               guard_value: int = -1, entries: Optional[int] = None, num_warps: Optional[int] = None,
               tile: int = XQA_TILE_TOKENS) -> Plan:
     block_w = 16
-    while block_w < width and block_w < 512:
+    while block_w < width and block_w < SLOW_TILE:
         block_w *= 2
     pow2 = triton.next_power_of_2 if triton else (lambda n: 1 << max(0, int(n) - 1).bit_length())
     rows = max(rows, 0)
@@ -463,7 +463,7 @@ def make_plan(rows: int, width: int, views: list, page_size: int, max_len, regio
     per_program = max(1, min(MAX_ROWS, (entries or PROGRAM_ENTRIES) // max(row_stride, 1)))
     grid = max(1, -(-rows // per_program))
     block_r = max(1, -(-rows // grid))
-    sub_r = max(1, min(2048 // block_w, pow2(block_r)))
+    sub_r = max(1, min(SLOW_TILE // block_w, pow2(block_r)))
     span = block_r * row_stride
     return Plan(rows=rows, width=width, row_stride=row_stride,
                 view1_off=width if kv_split else 0, views=views, page_size=page_size,
@@ -476,9 +476,14 @@ def make_plan(rows: int, width: int, views: list, page_size: int, max_len, regio
                 num_warps=num_warps or NUM_WARPS)
 
 
-PROGRAM_ENTRIES = int(os.environ.get("TSAN_PAGED_PROGRAM_ENTRIES", "8192"))
+# The launch shape keeps the kernel small, which is what a graph replay pays for: on an H100, xqa ran
+# ~11 us longer after a version with 8192-entry programs and a [16, 128] slow-path tile (255 registers
+# and a stack), ~2 us after this one (~120 registers, 5 programs for a 64 x 66 table).
+# benchmarks/gpu_slowdown_probe.py measures the shapes; docs/gpu.md has the figures.
+PROGRAM_ENTRIES = int(os.environ.get("TSAN_PAGED_PROGRAM_ENTRIES", "1024"))
 MAX_ROWS = 128
-FBLOCK_MAX = 8192
+FBLOCK_MAX = 1024   # fast pass: entries per load step
+SLOW_TILE = 128     # slow path: entries per [sub_r, block_w] tile (one per thread at 4 warps)
 NUM_WARPS = int(os.environ.get("TSAN_PAGED_NUM_WARPS", "4"))
 # Signal programmatic dependent launch (sm90+) at the end of the check: xqa is launched with PDL.
 PDL = os.environ.get("TSAN_PAGED_PDL", "1") != "0"
