@@ -219,14 +219,17 @@ def bench(batch, ctx, kv):
             import cProfile
             import io
             import pstats
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(300):
-                san._check_and_act(KERNEL, rules, args, patched.library_dirs)
-            prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(18)
-            print(text.getvalue()[-4000:], flush=True)
+            for what, fn in (("the check", lambda: san._check_and_act(KERNEL, rules, args, patched.library_dirs)),
+                             ("the whole sanitized call", bare)):
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(300):
+                    fn()
+                prof.disable()
+                torch.cuda.synchronize()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(24)
+                print(f"profile of {what}, 300 calls:", text.getvalue()[-5000:], flush=True)
         row["host_replay_us_san"] = host_us(g_san.replay, n=20)
         san.flush()
         row["reports"] = len(san.reports)

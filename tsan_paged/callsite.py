@@ -17,7 +17,9 @@ INSIDE = tuple(os.path.join(_HERE, name) for name in (
     "registry.py")) + (os.path.join(_HERE, "rules") + os.sep,)
 STACK_LIMIT = 12
 
-_inside: dict = {}  # (code object, library dirs) -> bool
+# (id(code), library dirs) -> (code, inside). Keyed by id: hashing a code object hashes its
+# constants (~0.3-1 us each, on every frame of every walk). Holding the code keeps its id its own.
+_inside: dict = {}
 
 
 def caller_frame(library_dirs: tuple = (), depth: int = 1):
@@ -25,12 +27,13 @@ def caller_frame(library_dirs: tuple = (), depth: int = 1):
     frame = sys._getframe(depth)
     while frame is not None:
         code = frame.f_code
-        inside = _inside.get((code, library_dirs))
-        if inside is None:
+        cached = _inside.get((id(code), library_dirs))
+        if cached is None or cached[0] is not code:
             if len(_inside) > 65536:
                 _inside.clear()
-            inside = _inside[(code, library_dirs)] = code.co_filename.startswith(INSIDE + tuple(library_dirs))
-        if not inside:
+            cached = _inside[(id(code), library_dirs)] = (
+                code, code.co_filename.startswith(INSIDE + tuple(library_dirs)))
+        if not cached[1]:
             return frame
         frame = frame.f_back
     return None

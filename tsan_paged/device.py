@@ -639,6 +639,7 @@ class Entry:
     captured: bool
     hits: list = field(default_factory=lambda: [0] * NCHECKS)
     calls: int = 0
+    code: object = None  # the call site's code object: keeps the id in the entry's key its own
 
 
 class Ring:
@@ -770,11 +771,14 @@ def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tens
     frame = caller_frame(patched.library_dirs if patched is not None else ())
     # The sanitizer's serial, not id(): a later sanitizer at a freed one's address must not
     # inherit its record slot (whose weak reference is dead, so its findings would go nowhere).
-    key = ((frame.f_code, frame.f_lineno) if frame is not None else None, plan.key, call_target,
+    # The code object and the plan by id (hashing them costs microseconds per call); the entry
+    # holds both, so neither id can be reused while the key exists.
+    code = frame.f_code if frame is not None else None
+    key = (id(code), frame.f_lineno if frame is not None else 0, id(plan), call_target,
            san.serial if san is not None else 0)
     entry = ring.entries.get(key)
     if entry is None:
-        entry = _new_entry(ring, key, plan, call_target, describe(frame), san, capturing)
+        entry = _new_entry(ring, key, plan, call_target, describe(frame), san, capturing, code)
     del frame
     launch(ring, plan, table, lengths, entry.slot, 1, action, errs)
     if capturing:
@@ -791,7 +795,7 @@ def _default_severity(check_id: str) -> str:
     return CHECKS[check_id]
 
 
-def _new_entry(ring: Ring, key, plan, op, site, san, captured) -> Entry:
+def _new_entry(ring: Ring, key, plan, op, site, san, captured, code=None) -> Entry:
     with _lock:
         entry = ring.entries.get(key)
         if entry is not None:
@@ -805,7 +809,8 @@ def _new_entry(ring: Ring, key, plan, op, site, san, captured) -> Entry:
             ring.next_slot += 1
         caller, stack = site
         entry = Entry(slot=slot, plan=plan, op=op, caller=caller, stack=stack,
-                      sanitizer=weakref.ref(san) if san is not None else (lambda: None), captured=captured)
+                      sanitizer=weakref.ref(san) if san is not None else (lambda: None), captured=captured,
+                      code=code)
         ring.entries[key] = entry
         return entry
 
