@@ -3,8 +3,8 @@
 #   ../shared/gpu/fetch-wheels.sh .device-wheels      # here, once: FlashInfer + tvm-ffi wheels
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".device-wheels"])
 # Logs go to $OUT (or ./gpu_out). Steps: install, then STEPS (default tests,bench,memcheck; also probe:
-# benchmarks/gpu_slowdown_probe.py and gpu_graph_probe.py; variance: gpu_capture_variance.py) in the
-# order probe, variance, tests, bench, memcheck.
+# benchmarks/gpu_slowdown_probe.py and gpu_graph_probe.py; variance: gpu_capture_variance.py; host:
+# gpu_host_probe.py) in the order probe, variance, host, tests, bench, memcheck.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests,bench,memcheck}
@@ -20,6 +20,9 @@ if [[ $STEPS == *probe* ]]; then
 fi
 if [[ $STEPS == *variance* ]]; then
   python3 benchmarks/gpu_capture_variance.py 2>&1 | grep -vi warn | tee "$OUT/gpu_capture_variance.log" | tail -60
+fi
+if [[ $STEPS == *host* ]]; then
+  python3 benchmarks/gpu_host_probe.py 2>&1 | grep -vi warn | tee "$OUT/gpu_host_probe.log" | tail -12
 fi
 if [[ $STEPS == *tests* ]]; then
   python3 -m pytest tests/gpu -q -rA -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "^\s+[0-9]+ x " | tail -60
