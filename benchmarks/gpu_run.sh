@@ -19,7 +19,9 @@ if [[ $STEPS == *probe* ]]; then
   python3 benchmarks/gpu_graph_probe.py 2>&1 | tee "$OUT/gpu_graph_probe.log" | grep -v Warning | tail -40
 fi
 if [[ $STEPS == *variance* ]]; then
-  python3 benchmarks/gpu_capture_variance.py 2>&1 | grep -vi warn | tee "$OUT/gpu_capture_variance.log" | tail -60
+  for config in ${VARIANCE_CONFIGS:-64x4096}; do
+    python3 benchmarks/gpu_capture_variance.py --config $config 2>&1 | grep -vi warn | tee -a "$OUT/gpu_capture_variance.log" | tail -30
+  done
 fi
 if [[ $STEPS == *host* ]]; then
   python3 benchmarks/gpu_host_probe.py 2>&1 | grep -vi warn | tee "$OUT/gpu_host_probe.log" | tail -12
