@@ -97,6 +97,37 @@ def test_random_faults_match_torch(seed, layout):
     assert found  # every seed plants something
 
 
+# Launch shapes: (entries per program, slow-path tile, fast-pass load step). The GPU cost of the kernel
+# depends on them (docs/gpu.md); its findings must not. The defaults are the third.
+SHAPES = [(16, 16, 128), (64, 32, 128), (1024, 128, 1024), (8192, 2048, 8192)]
+
+
+@pytest.mark.parametrize("entries,slow_tile,fblock_max", SHAPES)
+@pytest.mark.parametrize("seed", range(3))
+def test_launch_shapes_find_the_same(monkeypatch, entries, slow_tile, fblock_max, seed):
+    monkeypatch.setattr(device, "PROGRAM_ENTRIES", entries)
+    monkeypatch.setattr(device, "SLOW_TILE", slow_tile)
+    monkeypatch.setattr(device, "FBLOCK_MAX", fblock_max)
+    monkeypatch.setattr(device, "_PLANS", {})
+    monkeypatch.setattr(device, "RULE_PLANS", {})
+    gen = torch.Generator().manual_seed(200 + seed)
+    batch = make_batch(batch=7 + 11 * seed, width=5 + 60 * seed, page_size=16, num_pages=500, stale="garbage",
+                       seed=40 + seed)
+    table, lens = batch["block_tables"], batch["seq_lens"]
+    for _ in range(5):
+        r = int(torch.randint(0, table.shape[0], (1,), generator=gen))
+        c = int(torch.randint(0, table.shape[1], (1,), generator=gen))
+        table[r, c] = [-1, 500, 2**31 - 1][int(torch.randint(0, 3, (1,), generator=gen))]
+    lens[-1] = table.shape[1] * 16 + 3  # past the table: the whole last row is read
+    table[-1, -1] = 500
+    plan = device.plan_for(table.shape[0], table.shape[1], (("kv_cache", 500, None),), 16, batch["max_seq_len"],
+                           device.REGION_XQA, -1, 1, False)
+    assert plan.fblock <= fblock_max and plan.sub_r * plan.block_w <= max(slow_tile, 16)
+    assert plan.grid > 1 or entries >= table.numel()
+    found = assert_same(batch)
+    assert {v.check for v in found} >= {"page-out-of-range", "seq-len-exceeds-table"}
+
+
 def test_wide_table_several_column_blocks():
     batch = make_batch(batch=9, width=1100, page_size=16, num_pages=20000, seed=21)
     batch["block_tables"][8, 1099] = 20000
