@@ -7,6 +7,7 @@ and messages. Guard rewriting and the sticky ring records are checked entry by e
 """
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -295,3 +296,20 @@ def test_sticky_records_keep_the_first_finding_and_count_calls():
     hits = [words[device.RECORD - device.CALLS + 4 * c] for c in range(device.NCHECKS)]
     assert hits[device.PAGE0] == 2
     assert device.decode(plan, words, previous_hits=hits) == []
+
+
+def test_bad_tuning_knobs_warn_and_keep_the_defaults():
+    """TSAN_PAGED=... imports tsan_paged into every process: a bad knob must not make the import fail."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TSAN_PAGED_NUM_WARPS="3", TSAN_PAGED_PROGRAM_ENTRIES="many")
+    out = subprocess.run([sys.executable, "-c", "from tsan_paged import device; print(device.NUM_WARPS, "
+                          "device.PROGRAM_ENTRIES)"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["4", "1024"]
+    assert "TSAN_PAGED_NUM_WARPS='3' is not 1, 2, 4, 8 or 16; using 4" in out.stderr
+    assert "TSAN_PAGED_PROGRAM_ENTRIES='many' is not an integer from 16 to 2**20 - 1; using 1024" in out.stderr
+    env["TSAN_PAGED_NUM_WARPS"], env["TSAN_PAGED_PROGRAM_ENTRIES"] = "8", "4096"
+    out = subprocess.run([sys.executable, "-c", "from tsan_paged import device; print(device.NUM_WARPS, "
+                          "device.PROGRAM_ENTRIES)"], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["8", "4096"] and "tsan_paged:" not in out.stderr

@@ -480,11 +480,30 @@ def make_plan(rows: int, width: int, views: list, page_size: int, max_len, regio
 # ~11 us longer after a version with 8192-entry programs and a [16, 128] slow-path tile (255 registers
 # and a stack), ~2 us after this one (~120 registers, 5 programs for a 64 x 66 table).
 # benchmarks/gpu_slowdown_probe.py measures the shapes; docs/gpu.md has the figures.
-PROGRAM_ENTRIES = int(os.environ.get("TSAN_PAGED_PROGRAM_ENTRIES", "1024"))
+def _env_int(name: str, default: int, allowed, described: str) -> int:
+    """A benchmarking knob from the environment; a bad value warns and keeps the default (importing
+    tsan_paged must not fail: TSAN_PAGED=... imports it into every Python process)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+        if value in allowed:
+            return value
+    except ValueError:
+        pass
+    import warnings
+
+    warnings.warn(f"tsan_paged: {name}={text!r} is not {described}; using {default}", stacklevel=2)
+    return default
+
+
+# Tuning knobs for benchmarks (docs/gpu.md): entries per program, warps per program.
+PROGRAM_ENTRIES = _env_int("TSAN_PAGED_PROGRAM_ENTRIES", 1024, range(16, 1 << 20), "an integer from 16 to 2**20 - 1")
 MAX_ROWS = 128
 FBLOCK_MAX = 1024   # fast pass: entries per load step
 SLOW_TILE = 128     # slow path: entries per [sub_r, block_w] tile (one per thread at 4 warps)
-NUM_WARPS = int(os.environ.get("TSAN_PAGED_NUM_WARPS", "4"))
+NUM_WARPS = _env_int("TSAN_PAGED_NUM_WARPS", 4, (1, 2, 4, 8, 16), "1, 2, 4, 8 or 16")
 # Signal programmatic dependent launch (sm90+) at the end of the check: xqa is launched with PDL.
 PDL = os.environ.get("TSAN_PAGED_PDL", "1") != "0"
 
