@@ -313,3 +313,82 @@ def test_bad_tuning_knobs_warn_and_keep_the_defaults():
     out = subprocess.run([sys.executable, "-c", "from tsan_paged import device; print(device.NUM_WARPS, "
                           "device.PROGRAM_ENTRIES)"], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["8", "4096"] and "tsan_paged:" not in out.stderr
+
+
+# -- the decode rule's memo of call forms (rules/flashinfer.py _DEVICE_PLANS) -----------------------
+
+def _variants():
+    """(name, change to a clean batch) pairs: each changes what the host analysis reads."""
+    def wider(b):  # a 7th column, read by row 0 and bad there
+        b["block_tables"] = torch.cat([b["block_tables"], torch.full_like(b["block_tables"][:, :1], 100)], dim=1)
+        b["seq_lens"] = b["seq_lens"].clone()
+        b["seq_lens"][0] = 6 * 64 + 10
+
+    def strided(b):
+        t = b["block_tables"]
+        b["block_tables"] = torch.cat([t, t], dim=1)[:, :t.shape[1]]  # same shape, not contiguous
+
+    def int64_lengths(b):
+        b["seq_lens"] = b["seq_lens"].long()
+
+    def fewer_pages(b):
+        k, v = b["kv_cache"]
+        b["kv_cache"] = (k[:40], v[:40])
+
+    def query_rows(b):
+        b["query"] = b["query"][:-1]
+
+    def layout(b):
+        b["kv_layout"] = "NHD"
+
+    def window(b):  # row 0 (380 tokens) skips one 256-token tile: columns 0-3 become dead
+        b["window_left"] = 20
+        b["block_tables"][0, 0] = 100
+
+    def short_max(b):
+        b["max_seq_len"] = 17
+
+    def fault(b):
+        b["block_tables"][1, 0] = 100
+
+    return [(f.__name__, f) for f in (wider, strided, int64_lengths, fewer_pages, query_rows, layout, window,
+                                      short_max, fault)]
+
+
+@pytest.mark.parametrize("name,change", _variants())
+def test_call_form_memo_never_changes_findings(monkeypatch, name, change):
+    """A clean call stores its form; a call that differs in anything the analysis reads gets the
+    findings a fresh analysis gets (values, as in ``fault``, are read by the kernel on every call)."""
+    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
+    options = CheckOptions()
+    options.device_interpret = True
+
+    def findings(kwargs):
+        call = Call(fi_rules.TRTLLM_DECODE, bind(kwargs), options)
+        return [tuple(getattr(v, f) for f in FIELDS) for v in fi_rules.trtllm_batch_decode_with_kv_cache(call)]
+
+    base = make_batch(batch=4, width=6, page_size=64, num_pages=100, lengths=[380, 64, 200, 300], seed=31)
+    assert findings(base) == [] and len(fi_rules._DEVICE_PLANS) == 1
+    changed = dict(base, block_tables=base["block_tables"].clone())
+    change(changed)
+    with_memo = findings(changed)
+    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
+    assert with_memo == findings(changed)
+    assert with_memo  # every variant changes what is found (or the test would prove nothing)
+
+
+def test_call_form_memo_skips_the_analysis(monkeypatch):
+    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
+    analysed = []
+    split = fi_rules.split_kv_cache
+    monkeypatch.setattr(fi_rules, "split_kv_cache", lambda *a: analysed.append(1) or split(*a))
+    options = CheckOptions()
+    options.device_interpret = True
+    batch = make_batch(batch=3, width=5, page_size=16, num_pages=60, lengths=[70, 16, 33], seed=32)
+    for _ in range(3):
+        assert list(fi_rules.trtllm_batch_decode_with_kv_cache(Call(fi_rules.TRTLLM_DECODE, bind(batch), options))) == []
+    assert len(analysed) == 1
+    options.disabled = frozenset()  # duplicate-page on: the torch path, analysed again
+    batch["block_tables"][0, 1] = batch["block_tables"][0, 0]
+    found = list(fi_rules.trtllm_batch_decode_with_kv_cache(Call(fi_rules.TRTLLM_DECODE, bind(batch), options)))
+    assert [v.check for v in found] == ["duplicate-page"] and len(analysed) == 2
