@@ -533,13 +533,11 @@ def plan_for(rows: int, width: int, views: tuple, page_size: int, max_len, regio
 
 def enabled(table: torch.Tensor, lengths: torch.Tensor) -> bool:
     """Whether this call's tables take the device path (CUDA, int32, packed; config allows it)."""
-    if triton is None or table.device.type != "cuda" or table.dtype != torch.int32:
+    if triton is None or not table.is_cuda or table.dtype != torch.int32:
         return False
     if not (table.is_contiguous() and lengths.is_contiguous()):
         return False
-    from . import sanitizer as sanitizer_mod
-
-    san = sanitizer_mod.current()
+    san = _modules()[0].current()
     return san is None or getattr(san.config, "device_path", "auto") != "torch"
 
 
@@ -747,18 +745,23 @@ def launch(ring: Ring, plan: Plan, table: torch.Tensor, lengths: torch.Tensor, s
 _mods: list = []  # (sanitizer module, interposer), imported on the first check
 
 
-def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tensor):
-    """Check one call on the device. Returns the findings (sync path) or ``[]`` (deferred)."""
-    if table.device.type == "cpu":  # Triton's interpreter (tests): one call, read at once
-        slot = torch.zeros(SLOT_WORDS, dtype=torch.int64)
-        run_check(plan, table, lengths, slot, interpret=True)
-        return decode(plan, slot[CALLS:].tolist())
+def _modules() -> list:
+    """``[sanitizer module, interposer]`` (imported late: they import this module)."""
     if not _mods:
         from . import sanitizer as sanitizer_mod
         from .interpose import interposer
 
         _mods[:] = [sanitizer_mod, interposer]
-    sanitizer_mod, interposer = _mods
+    return _mods
+
+
+def check(call_target: str, plan: Plan, table: torch.Tensor, lengths: torch.Tensor):
+    """Check one call on the device. Returns the findings (sync path) or ``[]`` (deferred)."""
+    if not table.is_cuda:  # Triton's interpreter (tests): one call, read at once
+        slot = torch.zeros(SLOT_WORDS, dtype=torch.int64)
+        run_check(plan, table, lengths, slot, interpret=True)
+        return decode(plan, slot[CALLS:].tolist())
+    sanitizer_mod, interposer = _modules()
     san = sanitizer_mod.current()
     config = san.config if san is not None else None
     path = getattr(config, "device_path", "auto") if config is not None else "auto"
