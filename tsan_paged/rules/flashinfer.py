@@ -166,7 +166,9 @@ def trtllm_batch_decode_with_kv_cache(call):
     arguments = call.read(_DECODE_READS)
     (query, kv_cache, table, lengths, max_seq_len, window_left, kv_layout, backend, q_len_per_req,
      max_q_len, cum_seq_lens_q, shared, sparse) = arguments
-    call_form = _device_form(call, arguments)
+    call_form = None  # CPU tables take the torch checks: they pay nothing for the device path's memo
+    if isinstance(table, torch.Tensor) and (table.is_cuda or getattr(call.options, "device_interpret", False)):
+        call_form = _device_form(call, arguments)
     plan = _DEVICE_PLANS.get(call_form) if call_form is not None else None
     if plan is not None and _takes_device_path(call, table, lengths):
         return _device_check(call, plan, table, lengths)
