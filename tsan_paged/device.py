@@ -124,6 +124,13 @@ if triton is not None:
     _K_HIT_CALLS = tl.constexpr(HIT_CALLS)
     _K_RECORD = tl.constexpr(RECORD)
 
+    @triton.jit
+    def _merge_finding(scratch_ptr, count, first):
+        """One check's findings of this program into the launch's scratch: count, first (encoded)."""
+        if count > 0:
+            tl.atomic_add(scratch_ptr, count)
+            tl.atomic_max(scratch_ptr + 1, first)
+
     def _check_kernel_src(table_ptr, lengths_ptr, slot_ptr,
                           R, W, ROW_STRIDE, VIEW1_OFF, NVIEWS,
                           P0, P1, PMIN, PAGE_SIZE, CAP, MAXLEN, REGION, WINDOW_LEFT, QLEN,
@@ -302,27 +309,13 @@ if triton is not None:
                             tl.inline_asm_elementwise("trap;", "=r,r", [pid], dtype=tl.int32, is_pure=False,
                                                       pack=1)
                 tl.atomic_or(slot_ptr + _K_FOUND_MASK, mask_bits)
-                if c_p0 > 0:
-                    tl.atomic_add(slot_ptr + _K_SCRATCH + 0, c_p0)
-                    tl.atomic_max(slot_ptr + _K_SCRATCH + 1, e_p0)
-                if c_p1 > 0:
-                    tl.atomic_add(slot_ptr + _K_SCRATCH + 2, c_p1)
-                    tl.atomic_max(slot_ptr + _K_SCRATCH + 3, e_p1)
-                if c_d0 > 0:
-                    tl.atomic_add(slot_ptr + _K_SCRATCH + 4, c_d0)
-                    tl.atomic_max(slot_ptr + _K_SCRATCH + 5, e_d0)
-                if c_d1 > 0:
-                    tl.atomic_add(slot_ptr + _K_SCRATCH + 6, c_d1)
-                    tl.atomic_max(slot_ptr + _K_SCRATCH + 7, e_d1)
-                if c_neg > 0:
-                    tl.atomic_add(slot_ptr + _K_SCRATCH + 8, c_neg)
-                    tl.atomic_max(slot_ptr + _K_SCRATCH + 9, e_neg)
-                if c_max > 0:
-                    tl.atomic_add(slot_ptr + _K_SCRATCH + 10, c_max)
-                    tl.atomic_max(slot_ptr + _K_SCRATCH + 11, e_max)
-                if c_tab > 0:
-                    tl.atomic_add(slot_ptr + _K_SCRATCH + 12, c_tab)
-                    tl.atomic_max(slot_ptr + _K_SCRATCH + 13, e_tab)
+                _merge_finding(slot_ptr + _K_SCRATCH + 0, c_p0, e_p0)
+                _merge_finding(slot_ptr + _K_SCRATCH + 2, c_p1, e_p1)
+                _merge_finding(slot_ptr + _K_SCRATCH + 4, c_d0, e_d0)
+                _merge_finding(slot_ptr + _K_SCRATCH + 6, c_d1, e_d1)
+                _merge_finding(slot_ptr + _K_SCRATCH + 8, c_neg, e_neg)
+                _merge_finding(slot_ptr + _K_SCRATCH + 10, c_max, e_max)
+                _merge_finding(slot_ptr + _K_SCRATCH + 12, c_tab, e_tab)
             if PDL:  # the guard's stores reach the GPU before the dependent kernel may start
                 tl.debug_barrier()
                 tl.inline_asm_elementwise("fence.acq_rel.gpu;", "=r,r", [pid], dtype=tl.int32, is_pure=False,
