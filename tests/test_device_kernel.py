@@ -234,7 +234,7 @@ def test_block_sparse_table():
 
 
 def _plan_for(batch):
-    table, lens = batch["block_tables"], batch["seq_lens"]
+    table = batch["block_tables"]
     return device.make_plan(table.shape[0], table.shape[1], [device.View("kv_cache", 100)], 16,
                             batch["max_seq_len"], device.REGION_XQA, -1, 1, False)
 

@@ -9,22 +9,19 @@ kills the CUDA context).
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
 from gpu_batches import cuda_ready, decode, make_batch, make_kv, plant
 
-if not cuda_ready():
-    import flashinfer.decode
-
 REASON = cuda_ready()
 pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON or "ok")
 
 if not REASON:
+    import flashinfer.decode
+
     from tsan_paged import PagedSanitizer, PageTableViolation, device
-    from tsan_paged.report import reporter
 
 PAGES = 8657  # the seed's page count
 FAULTS = ["seed", "minus1", "v_side", "seq_len"]
