@@ -110,7 +110,7 @@ def test_launch_shapes_find_the_same(monkeypatch, entries, slow_tile, fblock_max
     monkeypatch.setattr(device, "SLOW_TILE", slow_tile)
     monkeypatch.setattr(device, "FBLOCK_MAX", fblock_max)
     monkeypatch.setattr(device, "_PLANS", {})
-    monkeypatch.setattr(device, "RULE_PLANS", {})
+    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
     gen = torch.Generator().manual_seed(200 + seed)
     batch = make_batch(batch=7 + 11 * seed, width=5 + 60 * seed, page_size=16, num_pages=500, stale="garbage",
                        seed=40 + seed)

@@ -502,7 +502,6 @@ PDL = os.environ.get("TSAN_PAGED_PDL", "1") != "0"
 
 
 _PLANS: dict = {}
-RULE_PLANS: dict = {}  # a rule's own plan cache (keyed on its table form; rules/flashinfer.py _device_plan)
 _ERRS: dict = {}  # id(config) -> (config, err_mask)
 
 

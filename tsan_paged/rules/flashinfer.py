@@ -90,10 +90,11 @@ def resolve_backend(backend: str, device: torch.device, capability=None) -> str:
 
 
 def _capability(call, device):
+    """The compute capability the call runs on (``tsan-paged show`` sets the dumped device's)."""
     if call.options.cuda_capability is not None:
         return tuple(call.options.cuda_capability)
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
+        return device_mod.capability(device)  # cached per device
     return None
 
 
@@ -305,33 +306,24 @@ def _takes_device_path(call, table, lengths) -> bool:
 
 def _device_plan(call, table, lengths, k, v, k_name, v_name, page_size, batch, width, max_seq_len, window_left,
                  backend, q_len, shared, sparse):
-    """The launch plan of the device kernel for this table form (:mod:`tsan_paged.device`)."""
-    capability = call.options.cuda_capability
-    if not capability and table.is_cuda:  # picks the backend ("auto") and the xqa kernel's tile
-        capability = device_mod.capability(table.device)
-    key = (table.shape, lengths.dtype, k.shape[0], v.shape[0], k_name, v_name, page_size, batch, width, max_seq_len,
-           window_left, backend, q_len, shared, sparse, capability)
-    plan = device_mod.RULE_PLANS.get(key)
-    if plan is None:
-        backend = resolve_backend(backend, table.device, capability)
-        if backend == "xqa":
-            region = device_mod.REGION_XQA
-        else:
-            region = device_mod.REGION_END if sparse else device_mod.REGION_ROW
-        pk, pv = int(k.shape[0]), int(v.shape[0])
-        if shared or sparse:
-            views = (("kv_cache", pk, None),) if pk == pv else ((k_name, pk, None), (v_name, pv, None))
-        else:
-            views = ((k_name, pk, 0), (v_name, pv, 1))
-        rows = table.shape[0] * table.shape[1] if sparse else table.shape[0]
-        plan = device_mod.plan_for(rows, width, views, page_size, max_seq_len, region,
-                                   window_left, q_len, lengths.dtype == torch.uint32, kv_split=not (shared or sparse),
-                                   sparse_batch=batch if sparse else None, guard_value=-1 if backend == "xqa" else 0,
-                                   tile=_xqa_tile(k, k.shape[-1], q_len, capability))
-        if len(device_mod.RULE_PLANS) > 4096:
-            device_mod.RULE_PLANS.clear()
-        device_mod.RULE_PLANS[key] = plan
-    return plan
+    """The launch plan of the device kernel for this table form (:mod:`tsan_paged.device`).
+    Built once per call form (``_DEVICE_PLANS``), or on every call of a form with findings."""
+    capability = _capability(call, table.device)  # picks the backend ("auto") and the xqa kernel's tile
+    backend = resolve_backend(backend, table.device, capability)
+    if backend == "xqa":
+        region = device_mod.REGION_XQA
+    else:
+        region = device_mod.REGION_END if sparse else device_mod.REGION_ROW
+    pk, pv = int(k.shape[0]), int(v.shape[0])
+    if shared or sparse:
+        views = (("kv_cache", pk, None),) if pk == pv else ((k_name, pk, None), (v_name, pv, None))
+    else:
+        views = ((k_name, pk, 0), (v_name, pv, 1))
+    rows = table.shape[0] * table.shape[1] if sparse else table.shape[0]
+    return device_mod.plan_for(rows, width, views, page_size, max_seq_len, region,
+                               window_left, q_len, lengths.dtype == torch.uint32, kv_split=not (shared or sparse),
+                               sparse_batch=batch if sparse else None, guard_value=-1 if backend == "xqa" else 0,
+                               tile=_xqa_tile(k, k.shape[-1], q_len, capability))
 
 
 def _device_check(call, plan, table, lengths) -> list:
