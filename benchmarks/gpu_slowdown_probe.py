@@ -93,7 +93,7 @@ def kernel_variant(name, interpret=False):
     for old, new in VARIANTS[name]:
         assert old in src, (name, old)
         src = src.replace(old, new)
-    consts = [n for n in vars(device) if n.startswith("_K_")] + ["_merge_finding"]
+    consts = [n for n in vars(device) if n.startswith("_K_")] + ["_tally", "_merge_finding"]
     path = os.path.join(tempfile.mkdtemp(), f"check_variant_{name}.py")
     with open(path, "w") as f:  # Triton reads a kernel's source from its file
         f.write("import triton\nimport triton.language as tl\n"

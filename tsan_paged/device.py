@@ -125,6 +125,15 @@ if triton is not None:
     _K_RECORD = tl.constexpr(RECORD)
 
     @triton.jit
+    def _tally(count, first, bad, packed):
+        """``(count, first)`` of one check, updated with a tile: how many entries are ``bad``, and
+        the first of them, encoded as BIG - packed so that a max keeps the lowest index."""
+        count += tl.reduce(bad.to(tl.int64), None, tl.standard._sum_combine)
+        lowest = tl.reduce(tl.where(bad, _K_BIG - packed, 0), None, tl.standard._elementwise_max)
+        first = tl.maximum(first, lowest)
+        return count, first
+
+    @triton.jit
     def _merge_finding(scratch_ptr, count, first):
         """One check's findings of this program into the launch's scratch: count, first (encoded)."""
         if count > 0:
@@ -210,15 +219,9 @@ if triton is not None:
                 omax = rmask & (MAXLEN >= 0) & (lens > MAXLEN)
                 otab = rmask & (lens > CAP)
                 packed_len = (rows64 << 32) | low32
-                c_neg += tl.reduce(neg.to(tl.int64), None, tl.standard._sum_combine)
-                e_neg = tl.maximum(e_neg, tl.reduce(tl.where(neg, _K_BIG - packed_len, 0), None,
-                                                    tl.standard._elementwise_max))
-                c_max += tl.reduce(omax.to(tl.int64), None, tl.standard._sum_combine)
-                e_max = tl.maximum(e_max, tl.reduce(tl.where(omax, _K_BIG - packed_len, 0), None,
-                                                    tl.standard._elementwise_max))
-                c_tab += tl.reduce(otab.to(tl.int64), None, tl.standard._sum_combine)
-                e_tab = tl.maximum(e_tab, tl.reduce(tl.where(otab, _K_BIG - packed_len, 0), None,
-                                                    tl.standard._elementwise_max))
+                c_neg, e_neg = _tally(c_neg, e_neg, neg, packed_len)
+                c_max, e_max = _tally(c_max, e_max, omax, packed_len)
+                c_tab, e_tab = _tally(c_tab, e_tab, otab, packed_len)
 
                 # read region
                 end = tl.minimum((tl.maximum(lens, 0) + PAGE_SIZE - 1) // PAGE_SIZE, W)
@@ -241,12 +244,8 @@ if triton is not None:
                     bad = m & ((vals < 0) | (vals >= P0))
                     lb = bad & live
                     db = bad & (~live)
-                    c_p0 += tl.reduce(lb.to(tl.int64), None, tl.standard._sum_combine)
-                    e_p0 = tl.maximum(e_p0, tl.reduce(tl.where(lb, _K_BIG - packed, 0), None,
-                                                      tl.standard._elementwise_max))
-                    c_d0 += tl.reduce(db.to(tl.int64), None, tl.standard._sum_combine)
-                    e_d0 = tl.maximum(e_d0, tl.reduce(tl.where(db, _K_BIG - packed, 0), None,
-                                                      tl.standard._elementwise_max))
+                    c_p0, e_p0 = _tally(c_p0, e_p0, lb, packed)
+                    c_d0, e_d0 = _tally(c_d0, e_d0, db, packed)
                     gmask = (lb & g_p0) | (db & g_d0)
                     if NVIEWS == 2:
                         ptrs1 = ptrs + VIEW1_OFF
@@ -255,12 +254,8 @@ if triton is not None:
                         bad1 = m & ((vals1 < 0) | (vals1 >= P1))
                         lb1 = bad1 & live
                         db1 = bad1 & (~live)
-                        c_p1 += tl.reduce(lb1.to(tl.int64), None, tl.standard._sum_combine)
-                        e_p1 = tl.maximum(e_p1, tl.reduce(tl.where(lb1, _K_BIG - packed1, 0), None,
-                                                          tl.standard._elementwise_max))
-                        c_d1 += tl.reduce(db1.to(tl.int64), None, tl.standard._sum_combine)
-                        e_d1 = tl.maximum(e_d1, tl.reduce(tl.where(db1, _K_BIG - packed1, 0), None,
-                                                          tl.standard._elementwise_max))
+                        c_p1, e_p1 = _tally(c_p1, e_p1, lb1, packed1)
+                        c_d1, e_d1 = _tally(c_d1, e_d1, db1, packed1)
                         gmask1 = (lb1 & g_p1) | (db1 & g_d1)
                         if VIEW1_OFF == 0:  # K and V read the same table: guard once
                             gmask = gmask | gmask1
