@@ -1,11 +1,13 @@
 """The pytest plugin, tested with pytest's own pytester on the real FlashInfer entry point."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 TESTS = str(Path(__file__).resolve().parent)
+ROOT = Path(TESTS).parent
 
 SUITE = '''
 import flashinfer.decode
@@ -46,12 +48,18 @@ def test_raise_mode_marker(paged_sanitizer):
 '''
 
 
+README_COMMANDS = [line.split("#")[0].split() for line in re.search(
+    r"## Run your tests under the sanitizer\n\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S
+).group(1).splitlines()]
+
+
 @pytest.fixture
 def suite(pytester, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("FLASHINFER_NO_DOWNLOAD", "1")
     pytester.syspathinsert(TESTS)
-    pytester.makepyfile(test_suite=SUITE)
+    pytester.mkdir("tests")
+    (pytester.path / "tests" / "test_suite.py").write_text(SUITE)
     return pytester
 
 
@@ -62,7 +70,25 @@ def check_outcomes(result):
         "*tsan_paged: 1 paged-KV violation(s) during this test*",
         "*page-out-of-range*block_tables[[]1, 2[]] = 31, kv_cache has 30 pages*",
     ])
-    assert "FAILED test_suite.py::test_swallowed_violation" in result.stdout.str()
+    assert "FAILED tests/test_suite.py::test_swallowed_violation" in result.stdout.str()
+
+
+def test_readme_lists_every_form():
+    assert [" ".join(c) for c in README_COMMANDS] == [
+        "pytest --paged-sanitizer tests/", "pytest tests/ --paged-sanitizer", "pytest --paged-sanitizer=raise tests/"]
+
+
+@pytest.mark.parametrize("command", README_COMMANDS, ids=[" ".join(c) for c in README_COMMANDS])
+def test_readme_commands_as_written(suite, command):
+    """Each command exactly as the README writes it (argument order included)."""
+    assert command[0] == "pytest"
+    check_outcomes(suite.runpytest_subprocess(*command[1:], "-p", "no:cacheprovider", "-rf"))
+
+
+def test_mode_with_a_space_is_a_clear_usage_error(suite):
+    result = suite.runpytest_subprocess("--paged-sanitizer", "raise", "tests/")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*write --paged-sanitizer=raise (with '='); 'raise' was taken as a test path*"])
 
 
 def test_session_option(suite):

@@ -19,6 +19,9 @@ the code under test caught and swallowed the exception -- unless it asked for th
 
 from __future__ import annotations
 
+import argparse
+import os
+
 import pytest
 
 MODES = ("log", "raise", "abort")
@@ -28,8 +31,15 @@ _ITEM = pytest.StashKey()
 
 def pytest_addoption(parser):
     group = parser.getgroup("tsan_paged", "paged-KV sanitizer")
-    group.addoption("--paged-sanitizer", nargs="?", const="log", default=None, choices=MODES, metavar="MODE",
-                    help="check paged-KV kernel calls in every test: log (default), raise or abort")
+    # "--paged-sanitizer" is a flag and "--paged-sanitizer=MODE" three more exact option strings, not one
+    # option with an optional value: argparse would take the next argument as that value, so
+    # "pytest --paged-sanitizer tests/" would read "tests/" as the mode.
+    group.addoption("--paged-sanitizer", action="store_const", const="log", default=None, dest="paged_sanitizer",
+                    help="check paged-KV kernel calls in every test (mode log); --paged-sanitizer=raise or "
+                         "--paged-sanitizer=abort for the other modes")
+    for mode in MODES:
+        group.addoption(f"--paged-sanitizer={mode}", action="store_const", const=mode, dest="paged_sanitizer",
+                        help=argparse.SUPPRESS)
     group.addoption("--paged-sanitizer-config", default=None, metavar="TOML",
                     help="a tsan_paged TOML config for the sanitized tests")
     parser.addini("paged_sanitizer", "paged sanitizer mode for the session: log, raise or abort (empty: off)", default="")
@@ -40,7 +50,12 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "paged_sanitizer(mode=None, enabled=True): run this test under tsan_paged's PagedSanitizer "
                    "(mode log/raise/abort), or opt it out with enabled=False")
-    mode = config.getoption("--paged-sanitizer") or config.getini("paged_sanitizer").strip() or None
+    args = [str(a) for a in config.invocation_params.args]
+    for flag, following in zip(args, args[1:]):
+        if flag == "--paged-sanitizer" and following in MODES and not os.path.exists(following):
+            raise pytest.UsageError(f"--paged-sanitizer {following}: write --paged-sanitizer={following} "
+                                    f"(with '='); '{following}' was taken as a test path")
+    mode = config.getoption("paged_sanitizer") or config.getini("paged_sanitizer").strip() or None
     if mode is not None and mode not in MODES:
         raise pytest.UsageError(f"paged_sanitizer = {mode!r}: use one of {', '.join(MODES)}")
     path = config.getoption("--paged-sanitizer-config") or config.getini("paged_sanitizer_config").strip() or None
