@@ -10,6 +10,11 @@
 3. Unchecked aten ops: a loop of small tensor ops, bare, inside ``with PagedSanitizer()``
    (built-in rules), with a dispatcher-op rule active (its kernel registered for that op
    alone), and under a no-op TorchDispatchMode for scale. Target: <= 1.25x bare.
+4. Entering and leaving the sanitizer in a process with thousands of modules (SGLang's
+   trtllm_mha backend imported, ~5,800 modules; FlashInfer alone without SGLang), in a fresh
+   process: the first entry (which sweeps the modules), then a function decorated with
+   ``@PagedSanitizer()`` called repeatedly. Targets: first entry <= 30 ms, steady-state
+   enter + exit <= 0.3 ms.
 """
 
 from __future__ import annotations
@@ -124,6 +129,62 @@ def bench_unchecked_aten():
     return [(name, us, us / med["bare"]) for name, us in med.items()]
 
 
+ENTRY_PROBE = r"""
+import os, statistics, sys, time
+os.environ.setdefault("FLASHINFER_NO_DOWNLOAD", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+import warnings
+warnings.simplefilter("ignore")
+import torch
+try:
+    import sglang.srt.layers.attention.trtllm_mha_backend  # noqa: F401
+    what = "SGLang trtllm_mha backend"
+except Exception:
+    import flashinfer.decode  # noqa: F401
+    what = "FlashInfer (no SGLang)"
+start = time.perf_counter()
+from tsan_paged import PagedSanitizer
+sanitizer = PagedSanitizer()
+built = time.perf_counter()
+sanitizer.__enter__()
+entered = time.perf_counter()
+sanitizer.__exit__(None, None, None)
+left = time.perf_counter()
+
+@PagedSanitizer()
+def decorated():
+    pass
+
+def plain():
+    pass
+
+def per_call(fn, n=200):
+    samples = []
+    for _ in range(15):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - t) / n * 1e3)
+    return statistics.median(samples)
+
+decorated()
+steady = per_call(decorated) - per_call(plain)
+print(what, len(sys.modules), (built - start) * 1e3, (entered - built) * 1e3, (left - entered) * 1e3, steady)
+"""
+
+
+def bench_entry():
+    """``(what, modules, import ms, first enter ms, first exit ms, steady enter + exit ms)``, fresh process."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", ENTRY_PROBE], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.join(os.path.dirname(__file__), ".."))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr)
+    *what, modules, imported, first, leave, steady = out.stdout.split()
+    return " ".join(what), int(modules), float(imported), float(first), float(leave), float(steady)
+
+
 class _null:
     def __enter__(self):
         return self
@@ -145,6 +206,13 @@ def main():
     print(f"{'setting':<42} {'us/op':>7} {'ratio':>6}")
     for name, us, ratio in bench_unchecked_aten():
         print(f"{name:<42} {us:>7.2f} {ratio:>5.2f}x")
+    what, modules, imported, first, leave, steady = bench_entry()
+    print(f"\nEntering the sanitizer, fresh process with {what} imported ({modules} modules)")
+    print(f"{'':<44} {'ms':>7} {'target':>7} {'met':>4}")
+    print(f"{'import tsan_paged + PagedSanitizer()':<44} {imported:>7.2f} {'':>7} {'':>4}")
+    print(f"{'first enter (sweeps the modules)':<44} {first:>7.2f} {30:>7} {'yes' if first <= 30 else 'NO':>4}")
+    print(f"{'first exit':<44} {leave:>7.2f} {'':>7} {'':>4}")
+    print(f"{'@PagedSanitizer() call, enter + exit':<44} {steady:>7.3f} {0.3:>7} {'yes' if steady <= 0.3 else 'NO':>4}")
 
 
 if __name__ == "__main__":

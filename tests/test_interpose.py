@@ -90,6 +90,67 @@ def test_module_imported_while_active(module_dir):
     assert_restored()
 
 
+def test_module_imported_between_two_entries_is_wrapped_at_the_next(module_dir):
+    with PagedSanitizer():  # the process's first sweep
+        pass
+    module_dir("serving_backend_between", BACKEND_SOURCE)
+    import serving_backend_between  # while no sanitizer is active: no import hook sees it
+
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation):
+        serving_backend_between.forward_decode(bad_batch())
+    assert serving_backend_between.decode_kernel is HELD[0]
+    assert_restored()
+
+
+def test_steady_state_entry_sweeps_nothing_and_rewraps_the_names_found_before(module_dir, monkeypatch):
+    """Entry is incremental (issue 13): names found by an earlier sweep are wrapped again
+    directly, and no module is swept when none was imported since."""
+    module_dir("serving_backend_known", BACKEND_SOURCE)
+    import serving_backend_known
+
+    with PagedSanitizer():
+        assert serving_backend_known.decode_kernel is not HELD[0]  # found by the sweep
+    assert serving_backend_known.decode_kernel is HELD[0]
+    swept = []
+    sweep = interposer._sweep_modules
+    monkeypatch.setattr(interposer, "_sweep_modules", lambda modules, by_id=None: (
+        swept.extend(modules), sweep(modules, by_id)))
+    san = PagedSanitizer(mode="raise")
+    san.__enter__()
+    try:
+        assert swept == []
+        assert serving_backend_known.decode_kernel is not HELD[0]
+        with pytest.raises(PageTableViolation):
+            serving_backend_known.forward_decode(bad_batch())
+    finally:
+        san.__exit__(None, None, None)
+    assert serving_backend_known.decode_kernel is HELD[0]
+    assert_restored()
+
+
+MID_IMPORT_SOURCE = """
+    from tsan_paged import PagedSanitizer
+
+    with PagedSanitizer():  # a sanitizer entered while this module is still being imported
+        pass
+
+    from flashinfer.decode import trtllm_batch_decode_with_kv_cache as decode_kernel
+
+    def forward_decode(batch):
+        return decode_kernel(**batch)
+"""
+
+
+def test_a_module_swept_while_still_importing_is_swept_again(module_dir):
+    module_dir("serving_backend_mid_import", MID_IMPORT_SOURCE)
+    import serving_backend_mid_import  # binds the kernel after the sweep saw it
+
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation):
+        serving_backend_mid_import.forward_decode(bad_batch())
+    assert serving_backend_mid_import.decode_kernel is HELD[0]
+    assert_restored()
+
+
 def test_target_module_imported_while_active():
     """flashinfer.decode not imported yet when the sanitizer starts: wrapped on import."""
     code = textwrap.dedent("""

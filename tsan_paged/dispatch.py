@@ -17,6 +17,7 @@ completes.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Callable
 
@@ -38,6 +39,19 @@ def resolve_overloads(target: str):
         return [getattr(packet, name) for name in names]
     except (AttributeError, RuntimeError):
         return None
+
+
+_namespaces: list = [None, frozenset()]  # [key, namespaces]
+
+
+def loaded_namespaces() -> frozenset:
+    """Namespaces with at least one registered op. Listing every op costs milliseconds, so the
+    answer is kept until a module is imported, a library loaded or an op defined from Python
+    (the ways a namespace appears)."""
+    key = (len(sys.modules), len(torch.ops.loaded_libraries), len(torch.library._defs))
+    if _namespaces[0] != key:
+        _namespaces[:] = [key, frozenset(name.partition("::")[0] for name in torch._C._dispatch_get_all_op_names())]
+    return _namespaces[1]
 
 
 def bind_schema(func, args: tuple, kwargs: dict) -> dict:

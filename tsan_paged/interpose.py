@@ -19,11 +19,21 @@ Everything is put back exactly on :meth:`Interposer.restore`: a name is restored
 still holds what we put there (a name the program rebound meanwhile is left alone). Bindings
 this cannot see: references captured before the sanitizer started in closures, other classes'
 attributes, ``functools.partial`` objects and containers.
+
+Entry is incremental: the module sweep is done once per process and target, then only over
+modules imported since (new modules are appended to ``sys.modules``, so they are found from
+its end), and the names found are remembered and re-wrapped directly at the next entry. A
+decorated function entered on every call pays microseconds, not a sweep of thousands of
+modules. Two consequences: a module-level name an already-swept module binds to a target
+*after* its import (not by importing) is not seen; and the packages a kernel library itself
+imports (the standard library, torch, numpy, triton, ...: ``FOUNDATION``) are not swept,
+since they cannot hold a library's entry point unless it is theirs.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib._bootstrap
 import importlib.abc
 import sys
 import threading
@@ -31,6 +41,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .registry import SignatureBinder, parse_target
+
+FOUNDATION = frozenset(sys.stdlib_module_names) | {
+    "torch", "torchgen", "functorch", "numpy", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe",
+    "typing_extensions", "filelock", "fsspec", "packaging", "loguru", "tsan_paged", "_pytest", "pytest", "pluggy",
+    "hypothesis"}
+"""Top-level packages whose modules are not swept (unless a target is theirs): what kernel
+libraries are built on, which never bind a kernel library's entry point."""
 
 
 @dataclass
@@ -54,6 +71,13 @@ class Interposer:
         self.patched: dict = {}  # target -> Patched
         self.pending: set = set()  # targets whose module is not imported yet
         self._by_id: dict = {}  # id(original) -> Patched
+        # Kept across activations (see the module docstring):
+        self._swept: dict = {}  # module name -> id(module): swept (or skipped) for every covered original
+        self._modules_seen: tuple = (0, None)  # (len(sys.modules), its last key) when _swept was brought up to date
+        self._covered: set = set()  # id(original): every module in _swept was swept for it
+        self._known_sites: dict = {}  # id(original) -> (original, [(namespace, name)]) found in earlier activations
+        self._resolved: dict = {}  # target -> (original, binder, library_dirs) of its last patch
+        self._unfinished: dict = {}  # name -> module still executing when swept: swept again at each entry
         self._watcher: Optional[ImportWatcher] = None
         self.on_call: Callable = None  # (Patched, args, kwargs) -> result
         self.on_resolve_error: Callable = None  # (target, message) -> None
@@ -67,9 +91,12 @@ class Interposer:
             new = [t for t in targets if t not in self.patched and t not in self.pending]
             for target in new:
                 self._try_patch(target)
-            if any(t in self.patched for t in new):  # modules imported later: the import hook
-                self._sweep_modules(list(sys.modules.values()))
-            if self.patched or self.pending:
+            fresh = {id(p.original): p for p in self.patched.values() if id(p.original) not in self._covered}
+            if fresh and self._swept:  # never swept for: the modules swept before (at the first entry, none)
+                self._sweep_modules(self._swept_modules(), fresh)
+            self._sweep_modules(self._new_modules())  # imported since the last sweep (first entry: all)
+            self._covered = {id(p.original) for p in self.patched.values()}
+            if self.patched or self.pending:  # modules imported later: the import hook
                 self._watch_imports()
 
     def restore(self) -> None:
@@ -91,6 +118,7 @@ class Interposer:
                 for cls, name, old, new in patched.aliases:
                     if cls.__dict__.get(name) is new:
                         setattr(cls, name, old)
+                self._known_sites[id(patched.original)] = (patched.original, list(patched.sites))
             self.patched.clear()
             self.pending.clear()
             self._by_id.clear()
@@ -117,11 +145,14 @@ class Interposer:
         if not callable(original):
             self._resolve_error(target, f"{target} is a {type(original).__name__}, not a callable")
             return
-        try:
-            binder = SignatureBinder(original)
-        except (TypeError, ValueError):
-            binder = None  # no introspectable signature: rules see positional args only
-        patched = Patched(target, original, binder=binder, library_dirs=_library_dirs(module_name))
+        resolved = self._resolved.get(target)
+        if resolved is None or resolved[0] is not original:
+            try:
+                binder = SignatureBinder(original)
+            except (TypeError, ValueError):
+                binder = None  # no introspectable signature: rules see positional args only
+            resolved = self._resolved[target] = (original, binder, _library_dirs(module_name))
+        patched = Patched(target, original, binder=resolved[1], library_dirs=resolved[2])
         patched.wrapper = self._make_wrapper(patched)
         self.patched[target] = patched
         self._by_id[id(original)] = patched
@@ -133,6 +164,11 @@ class Interposer:
         else:  # e.g. a class attribute bound through a descriptor
             setattr(owner, name, patched.wrapper)
             patched.sites.append((owner, name))
+        known = self._known_sites.get(id(original))
+        if known is not None and known[0] is original:  # names found by earlier sweeps
+            for site in known[1]:
+                if site not in patched.sites:
+                    self._wrap_site(patched, *site)
         if isinstance(owner, type):
             self._wrap_class_aliases(owner, patched)
         if self.on_patched is not None:
@@ -169,27 +205,67 @@ class Interposer:
         tsan_paged_wrapper.__tsan_paged_original__ = patched.original
         return tsan_paged_wrapper
 
-    def _sweep_modules(self, modules) -> None:
-        """Rebind every module-level name that holds an original to its wrapper.
+    @staticmethod
+    def _wrap_site(patched: Patched, namespace, name: str) -> None:
+        """Put the wrapper at ``namespace[name]`` if it holds the original (or record it if it
+        already holds the wrapper), so that restore puts the original back there."""
+        if isinstance(namespace, dict):
+            value = namespace.get(name)
+            if value is patched.original:
+                namespace[name] = patched.wrapper
+        else:
+            value = getattr(namespace, name, None)
+            if value is patched.original:
+                setattr(namespace, name, patched.wrapper)
+        if value is patched.original or value is patched.wrapper:
+            patched.sites.append((namespace, name))
 
-        Names that already hold a wrapper (bound from a patched module while active) are
-        recorded too, so that restore puts the original back there as well.
-        """
-        if not self._by_id:
+    def _sweep_modules(self, modules, by_id: Optional[dict] = None) -> None:
+        """Rebind every module-level name that holds an original (of ``by_id``, default: every
+        patched target) to its wrapper; names already holding a wrapper (bound from a patched
+        module while active) are recorded too, so that restore puts the original back there."""
+        by_id = self._by_id if by_id is None else by_id
+        if not by_id:
             return
-        by_id = self._by_id
+        ids = by_id.keys()
         for module in modules:
             namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict):
-                continue
-            hits = [(name, value) for name, value in list(namespace.items()) if id(value) in by_id]
-            for name, value in hits:
-                patched = by_id[id(value)]
-                if value is patched.original:
-                    namespace[name] = patched.wrapper
-                    patched.sites.append((namespace, name))
-                elif value is patched.wrapper and (namespace, name) not in patched.sites:
-                    patched.sites.append((namespace, name))
+            if not isinstance(namespace, dict) or ids.isdisjoint(map(id, namespace.values())):
+                continue  # the common case, in C: no name of this module holds a target
+            for name, value in list(namespace.items()):
+                patched = by_id.get(id(value))
+                if patched is not None and (namespace, name) not in patched.sites:
+                    self._wrap_site(patched, namespace, name)
+
+    def _new_modules(self) -> list:
+        """Modules imported since the last call (all of them the first time), to sweep; those of
+        ``FOUNDATION`` packages (not targets' own) are recorded but not returned."""
+        modules = sys.modules
+        seen = (len(modules), next(reversed(modules), None))
+        # Modules that were still executing at an earlier sweep may have bound names since.
+        new = [m for m in self._unfinished.values() if m is not None]
+        self._unfinished = {n: m for n, m in self._unfinished.items() if _initializing(n, m)}
+        if seen == self._modules_seen:
+            return new
+        own = {parse_target(p.target)[0].partition(".")[0] for p in self.patched.values()}
+        swept = self._swept
+        for name, module in reversed(list(modules.items())):  # new modules are appended to sys.modules
+            if swept.get(name) == id(module):
+                break
+            swept[name] = id(module)
+            top = name.partition(".")[0]
+            if top not in FOUNDATION or top in own:
+                new.append(module)
+                if _initializing(name, module):
+                    self._unfinished[name] = module
+        self._modules_seen = seen
+        return new
+
+    def _swept_modules(self) -> list:
+        """The modules swept before, as ``sys.modules`` holds them now (``FOUNDATION`` left out)."""
+        swept = self._swept
+        return [m for name, m in list(sys.modules.items())
+                if swept.get(name) == id(m) and name.partition(".")[0] not in FOUNDATION]
 
     def _resolve_error(self, target: str, message: str) -> None:
         if self.on_resolve_error is not None:
@@ -218,8 +294,11 @@ class Interposer:
                 patched = self.patched.get(target)
                 if patched is not None:  # re-exports made while the package imported
                     self._sweep_modules([m for m in list(sys.modules.values())
-                                         if getattr(m, "__name__", "").startswith(name.split(".")[0])])
+                                         if getattr(m, "__name__", "").startswith(name.split(".")[0])],
+                                        {id(patched.original): patched})
+                    self._covered.add(id(patched.original))  # older modules could not import it
             self._sweep_modules([module])
+            self._swept[name] = id(module)
             for listener in list(self.import_listeners):
                 listener(module)
 
@@ -268,6 +347,15 @@ class _NotifyingLoader(importlib.abc.Loader):
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
+
+
+def _initializing(name: str, module) -> bool:
+    """Whether ``module`` is still executing its body: importlib holds a lock per module being
+    imported (its spec's flag is the slower fallback)."""
+    locks = getattr(importlib._bootstrap, "_module_locks", None)
+    if isinstance(locks, dict):
+        return name in locks
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def _library_dirs(module_name: str) -> tuple:

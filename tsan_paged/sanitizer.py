@@ -42,7 +42,7 @@ from loguru import logger
 from . import config as config_mod
 from .callsite import find_caller
 from . import dump as dump_mod
-from .dispatch import ModeCatcher, bind_schema, op_interposer, resolve_overloads
+from .dispatch import ModeCatcher, bind_schema, loaded_namespaces, op_interposer, resolve_overloads
 from .interpose import Patched, interposer
 from .registry import Call, CheckOptions, Registry, UnboundArgument, is_dispatcher_target, registry
 from .report import PageTableViolation, Violation, reporter
@@ -224,15 +224,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
         An op whose whole namespace is not loaded (vLLM not imported) is simply pending,
         like a Python target whose module is not imported: it is caught once registered.
         """
-        loaded = None
         for target in targets:
             overloads = resolve_overloads(target)
             if not overloads:
-                if loaded is None:
-                    import torch
-
-                    loaded = {name.split("::")[0] for name in torch._C._dispatch_get_all_op_names()}
-                if target.split("::")[0] in loaded:
+                if target.split("::")[0] in loaded_namespaces():
                     self._unbound(target, f"dispatcher op {target} is not registered, though its namespace "
                                           "is (library drift?); calls to it are caught once it is")
                 continue
