@@ -181,8 +181,9 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, seed=0, draft_tokens=0, max_running=12, prompt=(1, 900),
-                 output=(1, 300), chunk=512, on_call=None):
+                 output=(1, 300), chunk=512, on_call=None, pad_batches=False):
         self.e = engine
+        self.pad_batches = pad_batches  # pad decode/verify batches as SGLang's CUDA-graph runner does
         self.rng = random.Random(seed)
         self.draft = draft_tokens
         self.max_running = max_running
@@ -192,7 +193,7 @@ class Scheduler:
         self.stats = Stats()
         self.on_call = on_call or (lambda fn: fn())
         self.before_forward = None  # (reqs, seq_lens, tokens_per_req): after allocation, before the tables
-        self.q = torch.zeros(max_running * max(draft_tokens, 1), HEADS * HEAD_DIM, dtype=DTYPE)
+        self.q = torch.zeros(_padded(max_running) * max(draft_tokens, 1), HEADS * HEAD_DIM, dtype=DTYPE)
 
     # -- allocation, as ScheduleBatch.prepare_for_extend / _decode call SGLang ----------
     def _alloc(self, reqs, prefix, seq):
@@ -246,8 +247,19 @@ class Scheduler:
         e, b = self.e, self.e.backend
         rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
         seq = torch.tensor(seq_lens, dtype=torch.int64)
-        n = len(reqs) * tokens_per_req
-        fb = ForwardBatch(forward_mode=mode, batch_size=len(reqs), input_ids=torch.zeros(n, dtype=torch.int64),
+        bs = len(reqs)
+        if self.pad_batches:
+            # What ForwardBatch's padding (forward_batch_info.py, _pad_tensor_to_size) and the graph
+            # runner's buffer registry (cuda_graph_buffer_registry.py) do for a captured batch size:
+            # padded rows get req_pool_indices 0 (ReqToTokenPool's reserved padding row), the backend's
+            # seq-len fill value, and out_cache_loc 0 (the page-0 sink).
+            bs = _padded(len(reqs))
+            fill = b.get_cuda_graph_seq_len_fill_value()
+            rows = torch.cat([rows, rows.new_zeros(bs - len(reqs))])
+            seq = torch.cat([seq, seq.new_full((bs - len(reqs),), fill)])
+            out_cache_loc = torch.cat([out_cache_loc, out_cache_loc.new_zeros((bs - len(reqs)) * tokens_per_req)])
+        n = bs * tokens_per_req
+        fb = ForwardBatch(forward_mode=mode, batch_size=bs, input_ids=torch.zeros(n, dtype=torch.int64),
                           req_pool_indices=rows, seq_lens=seq, out_cache_loc=out_cache_loc,
                           seq_lens_sum=int(seq.sum()))
         fb.seq_lens_cpu = seq
@@ -340,6 +352,12 @@ class Scheduler:
         for r in self.running + self.prefilling:
             self._free(r)
         self.running, self.prefilling = [], []
+
+
+def _padded(bs: int) -> int:
+    """The captured batch size a batch of ``bs`` is padded to (powers of two, as SGLang's default
+    capture sizes are up to 8)."""
+    return 1 << max(bs - 1, 0).bit_length()
 
 
 def _now():

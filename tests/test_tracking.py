@@ -80,6 +80,23 @@ def test_realistic_sequence_has_no_page_not_allocated(name):
     assert stats.finished > 0 and stats.calls > STEPS // 2
 
 
+@pytest.mark.parametrize("name", ["page64-swa-mtp3", "page1-full-decode"])
+def test_graph_padded_batches_read_the_padding_page_without_a_report(name):
+    """Issue 13: SGLang's CUDA-graph runner pads batches with rows that read ReqToTokenPool's
+    reserved row 0, i.e. the padding page 0; a graph-mode server under track_pages in raise mode
+    must not die on its first padded batch."""
+    kwargs, draft = sd.CONFIGS[name]
+    engine = sd.make_engine(draft_tokens=draft, **kwargs)
+    sched = sd.Scheduler(engine, seed=11, draft_tokens=draft, max_running=6, on_call=sd.call_through,
+                         pad_batches=True)
+    padded = []
+    sched.before_forward = lambda reqs, *_: padded.append(sd._padded(len(reqs)) > len(reqs))
+    with PagedSanitizer(mode="raise", track_pages=True) as san:
+        sched.run(120)
+    assert any(padded), "no padded batch"
+    assert san.errors == []
+
+
 def planted_double_use(engine, sched, row=1):
     """In a decode batch of 3+, free request ``row``'s slots with SGLang's own free while the
     batch (already allocated, its tables not built yet) still holds it."""
@@ -139,11 +156,14 @@ def test_tracker_started_after_the_allocator_was_built():
     assert san.errors == []
 
 
-def test_swa_request_freed_while_read_is_caught():
+@pytest.mark.parametrize("pad_batches", [False, True])
+def test_swa_request_freed_while_read_is_caught(pad_batches):
     """SGLang's SWA free of a request still in the batch: its SWA layer reads the freed slots
-    through the cleared full->SWA mapping (the padding page), its full layer the freed pages."""
+    through the cleared full->SWA mapping (the padding page), its full layer the freed pages.
+    In a graph-padded batch too: the padding rows are quiet, the live row is not."""
     engine = sd.make_engine(page_size=64, swa=True, draft_tokens=2)
-    sched = sd.Scheduler(engine, seed=8, draft_tokens=2, max_running=6, on_call=sd.call_through)
+    sched = sd.Scheduler(engine, seed=8, draft_tokens=2, max_running=6, on_call=sd.call_through,
+                         pad_batches=pad_batches)
     planted = planted_double_use(engine, sched)
     with PagedSanitizer(mode="log", track_pages=True) as san:
         for _ in range(300):

@@ -29,7 +29,8 @@ kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffe
 ``v_buffer`` per layer, full and SWA pools alike), else by an unambiguous page count. The
 region checked is what the kernel *attends to* (``ceil(seq_len / ps)`` columns, from the
 sliding window's first token on a window layer); one gather of the state at the table's
-entries.
+entries. Rows of a CUDA-graph-padded batch read the padding page by design and are not
+reported (:func:`_padding_rows` says how they are told apart from live rows).
 """
 
 from __future__ import annotations
@@ -336,6 +337,7 @@ class PageTracker:
                     first = (region_lens - (q_len - 1) - (window_left + 1)).clamp(min=0) // page_size
                     mask &= cols[None, :] >= first[:, None]
                 bad = mask & (got != ALLOCATED) & (entries >= 0) & (entries < n)
+                bad &= ~_padding_rows(entries, mask, region_lens, q_len)[:, None]
                 if not bool(bad.any()):
                     continue
                 where = bad.nonzero()
@@ -353,7 +355,8 @@ class PageTracker:
                         f"    freed by (most recent call last):\n{self.format_stack(sid)}")
             elif page == 0:
                 what = (f"page 0 is SGLang's padding page (never handed out) in {state.describe()}, yet the kernel "
-                        f"reads it (row {r}'s {tokens}): a table entry that was never written, or a slot whose "
+                        f"reads it (row {r}'s {tokens}; not a graph-padding row, which reads only page 0 at "
+                        f"length <= q_len + 1): a table entry that was never written, or a slot whose "
                         f"full->SWA mapping was cleared (freed) while this row still attends to it")
             else:
                 what = (f"page {page} of {state.describe()} is not allocated (free since tracking started, "
@@ -362,6 +365,23 @@ class PageTracker:
             found.append(Violation("page-not-allocated", "block_tables", text, index=index, value=page,
                                    bound="allocated", count=int(where.shape[0]), examples=examples))
         return found
+
+
+def _padding_rows(entries, read, lengths, q_len: int):
+    """Rows of a CUDA-graph-padded batch, which read SGLang's padding page by design.
+
+    SGLang's graph runner pads a batch to a captured size with rows whose ``req_pool_indices``
+    is 0 and whose ``seq_lens`` is the backend's fill value, 1 (``cuda_graph_buffer_registry.py``:
+    ZERO / FILL_SENTINEL; ``get_cuda_graph_seq_len_fill_value``); a target-verify row then reads
+    ``1 + q_len`` tokens. Row 0 of ``req_to_token`` is reserved and never written ("+1 padding row
+    at index 0", ``memory_pool.py``), so every entry such a row reads is page 0, directly or
+    through ``full_to_swa_index_mapping[0] = 0``. A live row reads at least the page of the token
+    it decodes, allocated for this step, and is longer than ``q_len + 1`` once its prompt is
+    more than a token: a live row whose SWA mapping a free cleared reads page 0 too, but not
+    only page 0, or at a longer length, and is still reported.
+    """
+    only_padding_page = ((entries == 0) | ~read).all(dim=1) & read.any(dim=1)
+    return only_padding_page & (lengths <= q_len + 1)
 
 
 def _make_wrapper(tracker: PageTracker, cls, name: str, kind: str, original):
