@@ -128,6 +128,22 @@ def test_steady_state_entry_sweeps_nothing_and_rewraps_the_names_found_before(mo
     assert_restored()
 
 
+def test_a_module_imported_anew_under_the_same_name_is_swept(module_dir):
+    """A test fixture's pattern: the module is dropped from sys.modules and imported again, so
+    sys.modules has the same size and the same last name, but a new module object."""
+    module_dir("serving_backend_again", BACKEND_SOURCE)
+    import serving_backend_again
+
+    with PagedSanitizer():
+        pass
+    del sys.modules["serving_backend_again"]
+    fresh = importlib.import_module("serving_backend_again")
+    assert fresh is not serving_backend_again
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation):
+        fresh.forward_decode(bad_batch())
+    assert_restored()
+
+
 MID_IMPORT_SOURCE = """
     from tsan_paged import PagedSanitizer
 

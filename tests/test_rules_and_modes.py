@@ -56,6 +56,80 @@ def test_a_target_that_does_not_resolve_is_reported():
     assert "flashinfer-python 0.7.2" in v.message
 
 
+def unbound(reports):
+    return [(v.op, v.message) for v in reports if v.check == "rule-unbound"]
+
+
+@pytest.mark.parametrize("target,why", [
+    ("mylibb.kernels:paged_decode", "no module 'mylibb' is installed (a typo?)"),
+    ("json.tool:main", "module 'json.tool' was never imported in this process"),
+    ("mylibz::paged_decode", "no op of namespace 'mylibz' was ever registered"),
+])
+def test_a_user_rule_whose_target_never_resolves_is_reported_at_exit(target, why):
+    """Issue 13: a [[rule]] with a typo in its target used to pass silently forever."""
+    assert "json.tool" not in sys.modules
+    config = {"rule": [dict(target=target, table="block_table", buffers=["kv"])]}
+    with PagedSanitizer(config=config) as san:
+        assert unbound(san.reports) == []  # not yet: it may resolve while active
+    [(op, message)] = unbound(san.reports)
+    assert op == target and "never resolved while the sanitizer was active" in message
+    assert "config dict" in message and why in message
+
+
+def test_a_user_rule_resolved_while_active_and_built_in_rules_stay_quiet():
+    config = {"rule": [dict(target=KERNEL, table="block_tables", buffers=["kv_cache"])]}
+    with PagedSanitizer(config=config) as san:  # vLLM's and FlashAttention's built-ins never resolve here
+        pass
+    assert unbound(san.reports) == []
+
+
+def test_nested_sanitizers_leave_the_report_to_the_outermost():
+    config = {"rule": [dict(target="mylibb.kernels:paged_decode", table="block_table", buffers=["kv"])]}
+    with PagedSanitizer(config=config) as outer:
+        with PagedSanitizer(config=config) as inner:
+            pass
+        assert unbound(inner.reports) == []
+    assert len(unbound(outer.reports)) == 1
+
+
+def test_a_process_wide_sanitizer_reports_unresolved_rules_in_the_summary(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text('[[rule]]\ntarget = "mylibb.kernels:paged_decode"\ntable = "t"\nbuffers = ["kv"]\n')
+    result = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, timeout=300,
+                            env={**ENV, "TSAN_PAGED": "log", "TSAN_PAGED_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert "tsan_paged summary: 0 error(s), 1 warning(s)" in result.stderr
+    assert "rule-unbound" in result.stderr and "mylibb.kernels:paged_decode" in result.stderr
+
+
+SUMMARY_PROGRAM = """
+import sys
+from batches import call_kernel, make_batch
+from tsan_paged import PagedSanitizer
+batch = make_batch(num_pages=30, lengths=[20, 40])
+batch["block_tables"][1, 2] = 31
+with PagedSanitizer(summary=sys.argv[1] == "True" if len(sys.argv) > 1 else None) as san:
+    call_kernel(batch)
+assert [v.check for v in san.reports] == ["page-out-of-range"], san.reports
+print("checked")
+"""
+
+
+@pytest.mark.parametrize("argv,environ,summary", [
+    ([], {}, False),  # a block's own sanitizer (a test inspecting its reports): no process summary
+    (["True"], {}, True),  # asked for
+    ([], {"TSAN_PAGED": "log"}, True),  # inside the process-wide one: part of the process's findings
+])
+def test_the_process_summary_holds_what_the_user_turned_on(argv, environ, summary):
+    """Issue 13: a test run ended in 'tsan_paged summary: 169 error(s), ...' made of the tests'
+    own expected violations."""
+    result = subprocess.run([sys.executable, "-c", SUMMARY_PROGRAM, *argv], capture_output=True, text=True,
+                            timeout=300, env={**ENV, **environ})
+    assert result.returncode == 0 and "checked" in result.stdout, result.stderr
+    assert ("tsan_paged summary: 1 error(s)" in result.stderr) is summary, result.stderr
+    assert "page-out-of-range" in result.stderr  # logged either way
+
+
 def test_signature_drift_is_reported_and_the_call_goes_on():
     reg = Registry()
 

@@ -69,5 +69,5 @@ def _start_sanitizer(mode, config) -> None:
     global sanitizer
     from .sanitizer import PagedSanitizer
 
-    sanitizer = PagedSanitizer(mode=mode, config=config)
+    sanitizer = PagedSanitizer(mode=mode, config=config, summary=True)
     sanitizer.__enter__()  # for the life of the process

@@ -37,6 +37,7 @@ import importlib._bootstrap
 import importlib.abc
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -72,8 +73,8 @@ class Interposer:
         self.pending: set = set()  # targets whose module is not imported yet
         self._by_id: dict = {}  # id(original) -> Patched
         # Kept across activations (see the module docstring):
-        self._swept: dict = {}  # module name -> id(module): swept (or skipped) for every covered original
-        self._modules_seen: tuple = (0, None)  # (len(sys.modules), its last key) when _swept was brought up to date
+        self._swept: dict = {}  # module name -> weakref(module): swept (or skipped) for every covered original
+        self._modules_seen: tuple = (0, None, None)  # sys.modules' size, last key and module at the last sweep
         self._covered: set = set()  # id(original): every module in _swept was swept for it
         self._known_sites: dict = {}  # id(original) -> (original, [(namespace, name)]) found in earlier activations
         self._resolved: dict = {}  # target -> (original, binder, library_dirs) of its last patch
@@ -241,31 +242,35 @@ class Interposer:
         """Modules imported since the last call (all of them the first time), to sweep; those of
         ``FOUNDATION`` packages (not targets' own) are recorded but not returned."""
         modules = sys.modules
-        seen = (len(modules), next(reversed(modules), None))
         # Modules that were still executing at an earlier sweep may have bound names since.
         new = [m for m in self._unfinished.values() if m is not None]
         self._unfinished = {n: m for n, m in self._unfinished.items() if _initializing(n, m)}
-        if seen == self._modules_seen:
+        # Any import appends to sys.modules: if its size and its last module are the same objects
+        # as at the last sweep, nothing was imported since (a module removed and imported anew
+        # comes back last, as another object).
+        count, last = len(modules), next(reversed(modules), None)
+        seen_count, seen_last, seen_module = self._modules_seen
+        if count == seen_count and last == seen_last and _same(seen_module, modules.get(last)):
             return new
         own = {parse_target(p.target)[0].partition(".")[0] for p in self.patched.values()}
         swept = self._swept
         for name, module in reversed(list(modules.items())):  # new modules are appended to sys.modules
-            if swept.get(name) == id(module):
+            if _same(swept.get(name), module):
                 break
-            swept[name] = id(module)
+            swept[name] = _ref(module)
             top = name.partition(".")[0]
             if top not in FOUNDATION or top in own:
                 new.append(module)
                 if _initializing(name, module):
                     self._unfinished[name] = module
-        self._modules_seen = seen
+        self._modules_seen = (count, last, _ref(modules.get(last)))
         return new
 
     def _swept_modules(self) -> list:
         """The modules swept before, as ``sys.modules`` holds them now (``FOUNDATION`` left out)."""
         swept = self._swept
         return [m for name, m in list(sys.modules.items())
-                if swept.get(name) == id(m) and name.partition(".")[0] not in FOUNDATION]
+                if _same(swept.get(name), m) and name.partition(".")[0] not in FOUNDATION]
 
     def _resolve_error(self, target: str, message: str) -> None:
         if self.on_resolve_error is not None:
@@ -298,7 +303,7 @@ class Interposer:
                                         {id(patched.original): patched})
                     self._covered.add(id(patched.original))  # older modules could not import it
             self._sweep_modules([module])
-            self._swept[name] = id(module)
+            self._swept[name] = _ref(module)
             for listener in list(self.import_listeners):
                 listener(module)
 
@@ -347,6 +352,19 @@ class _NotifyingLoader(importlib.abc.Loader):
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
+
+
+def _ref(module):
+    """A weak reference to ``module`` (an id could be reused by a module imported anew under the
+    same name, which would then pass for swept), or the object where it takes none."""
+    try:
+        return weakref.ref(module)
+    except TypeError:
+        return module
+
+
+def _same(ref, module) -> bool:
+    return ref is not None and (ref is module or (isinstance(ref, weakref.ref) and ref() is module))
 
 
 def _initializing(name: str, module) -> bool:

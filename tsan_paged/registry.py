@@ -69,6 +69,11 @@ class Rule:
     name: str = ""
     source: str = "python"
 
+    @property
+    def builtin(self) -> bool:
+        """A rule of ``tsan_paged.rules`` (its library may just not be in use)."""
+        return self.source == "tsan_paged.rules" or self.source.startswith("tsan_paged.rules.")
+
 
 @dataclass
 class Registry:

@@ -141,6 +141,7 @@ class Reporter:
         self._lines = 0
         self._atexit_registered = False
         self._finished = None  # pid whose summary was written
+        self._at_finish: list = []  # callbacks run before the summary
 
     def open_report_dir(self, directory: str, max_lines: int = 10000) -> None:
         """Write this process's findings under ``directory`` (first call in a process wins).
@@ -183,10 +184,22 @@ class Reporter:
                 self._report_file()
                 self._append({"type": "violation", **self._origin(), **violation.to_dict()})
         if tell:
-            from loguru import logger  # imported on first report: start-up stays light
+            self.log(violation)
 
-            level = "ERROR" if violation.severity == "error" else "WARNING"
-            logger.bind(tsan_paged=True).log(level, "tsan_paged: " + violation.format(with_stack=True))
+    @staticmethod
+    def log(violation: Violation) -> None:
+        """Log one finding through loguru (filter on ``extra["tsan_paged"]``)."""
+        from loguru import logger  # imported on first report: start-up stays light
+
+        level = "ERROR" if violation.severity == "error" else "WARNING"
+        logger.bind(tsan_paged=True).log(level, "tsan_paged: " + violation.format(with_stack=True))
+
+    def at_finish(self, callback) -> None:
+        """Run ``callback()`` at exit, before the summary is written."""
+        with self._lock:
+            if callback not in self._at_finish:
+                self._at_finish.append(callback)
+            self._register_atexit()
 
     def summary(self) -> str:
         with self._lock:
@@ -195,6 +208,12 @@ class Reporter:
 
     def finish(self) -> None:
         """At exit (or before an abort): the summary to stderr and to the report file."""
+        if os.getpid() == self._pid and self._finished != self._pid:
+            for callback in list(self._at_finish):
+                try:
+                    callback()
+                except Exception:
+                    pass
         with self._lock:
             if os.getpid() != self._pid or self._finished == self._pid:
                 return

@@ -18,8 +18,16 @@ are bound by name and checked by the rules, and findings are handled by mode:
 
 Only error-severity findings raise or abort; warnings are reported and the call goes on.
 A rule that cannot bind (its target is missing, or the signature lost a name it reads) is
-a ``rule-unbound`` warning; a rule that raises is a ``rule-error`` warning. The sanitizer
-itself never stops a program in ``log`` mode.
+a ``rule-unbound`` warning, and so is a rule of yours (not a built-in one) whose target never
+resolved while the sanitizer was active: reported at its exit, or at process exit for one
+that never exits. A rule that raises is a ``rule-error`` warning. The sanitizer itself never
+stops a program in ``log`` mode.
+
+Findings are logged (loguru) and kept in :attr:`PagedSanitizer.reports`. The process summary
+printed at exit and the per-process report files hold the findings of the sanitizers the user
+turned on for the process (``TSAN_PAGED``, ``tsan-paged run``, the pytest plugin's session),
+of sanitizers entered inside one, and of ``PagedSanitizer(summary=True)``; a block's own
+sanitizer (a test that inspects its reports) does not add to them.
 
 Patches are process-wide and reference-counted over all active sanitizers: nesting,
 re-entering the same instance, exceptions in the block and exits on other threads leave
@@ -62,6 +70,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
         config: a TOML path, a dict of config keys, or a :class:`tsan_paged.config.Config`.
         dump_dir: where dumps go (default ``./tsan_paged_dumps``).
         registry: the rules to use (default: built-in rules plus every ``@tsan_paged.rule``).
+        summary: whether findings also go to the process summary printed at exit and to the
+            per-process report files. Default: when entered inside a sanitizer that does, or when
+            the config names a ``report_dir``; the process-wide sanitizers (``TSAN_PAGED``, the
+            pytest plugin's session) do.
 
     Attributes:
         reports: every :class:`Violation` seen while active (up to ``max_reports``).
@@ -70,7 +82,8 @@ class PagedSanitizer(contextlib.ContextDecorator):
     def __init__(self, mode: Optional[str] = None, config=None, dump_dir: Optional[str] = None, *,
                  registry: Optional[Registry] = None, dump_on_log: Optional[bool] = None,
                  max_dumps: Optional[int] = None, exit_code: Optional[int] = None,
-                 device_action: Optional[str] = None, track_pages: Optional[bool] = None):
+                 device_action: Optional[str] = None, track_pages: Optional[bool] = None,
+                 summary: Optional[bool] = None):
         self.config = config_mod.load(config)
         overrides = {"mode": config_mod.check_mode(mode), "dump_dir": dump_dir, "dump_on_log": dump_on_log,
                      "max_dumps": max_dumps, "exit_code": exit_code, "device_action": device_action,
@@ -97,6 +110,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
         self._mode_catcher: Optional[ModeCatcher] = None
         self._lock = threading.Lock()
         self.serial = next(_serials)  # unique for the process's life (id() is reused once freed)
+        self._summary_arg = summary
+        self.summary = bool(summary)  # decided at entry (see __init__'s doc)
+        self._logged: set = set()  # (op, check, caller) logged, for a sanitizer outside the summary
+        self._resolved: set = set()  # targets that resolved (or were reported unbound) while active
 
     # -- lifecycle --------------------------------------------------------------------
     def __enter__(self) -> "PagedSanitizer":
@@ -105,8 +122,13 @@ class PagedSanitizer(contextlib.ContextDecorator):
             if self._depth > 1:
                 return self
             self._rules = {target: list(rules) for target, rules in self.registry.rules.items() if rules}
-            if self.config.report_dir:
+            self.summary = self._summary_arg if self._summary_arg is not None else (
+                any(s.summary for s in _active) or bool(self.config.report_dir))
+            if self.config.report_dir and self.summary:
                 reporter.open_report_dir(self.config.report_dir, self.config.max_reports)
+            self._resolved = set()
+            if any(not r.builtin for rules in self._rules.values() for r in rules):
+                reporter.at_finish(_report_unresolved_at_exit)  # for sanitizers that never exit
             _active.append(self)
             try:
                 if self.config.track_pages:  # shadow SGLang's allocators (tsan_paged/tracking.py)
@@ -144,6 +166,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
 
     def _leave(self) -> None:
         self._depth = 0
+        try:
+            self._report_unresolved()
+        except Exception as exc:  # never the reason a program fails
+            logger.warning(f"tsan_paged: could not list the rules whose targets never resolved: {exc}")
         if self._mode_catcher is not None:
             catcher, self._mode_catcher = self._mode_catcher, None
             try:
@@ -208,6 +234,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
     # -- binding ----------------------------------------------------------------------
     def _bind_rules(self, patched: Patched) -> None:
         """Drop (and report) rules whose arguments the target's signature no longer has."""
+        self._resolved.add(patched.target)
         bound = []
         for rule in self._rules.get(patched.target, []):
             missing = patched.binder.missing(rule.reads) if patched.binder else list(rule.reads)
@@ -226,7 +253,9 @@ class PagedSanitizer(contextlib.ContextDecorator):
         """
         for target in targets:
             overloads = resolve_overloads(target)
-            if not overloads:
+            if overloads:
+                self._resolved.add(target)
+            else:
                 if target.split("::")[0] in loaded_namespaces():
                     self._unbound(target, f"dispatcher op {target} is not registered, though its namespace "
                                           "is (library drift?); calls to it are caught once it is")
@@ -243,7 +272,28 @@ class PagedSanitizer(contextlib.ContextDecorator):
             self._rules[target] = bound
 
     def _unbound(self, target: str, message: str) -> None:
+        self._resolved.add(target)  # reported once, not again as "never resolved" at exit
         self._record([Violation("rule-unbound", target, message, op=target)])
+
+    def _report_unresolved(self, final: bool = False) -> None:
+        """``rule-unbound`` for each of the user's rules (config ``[[rule]]`` tables, ``@rule``
+        functions; not the built-in ones, whose libraries may simply not be in use) whose target
+        never resolved while this sanitizer was active: a typo in a module or op name would
+        otherwise pass silently forever. A target an enclosing active sanitizer also checks is
+        left to it (the pytest plugin's per-test sanitizers), unless ``final`` (process exit)."""
+        outer = set()
+        if not final:
+            for other in _active:
+                if other is self:
+                    break
+                outer.update(other._rules)
+        for target, rules in self._rules.items():
+            mine = [r for r in rules if not r.builtin]
+            if not mine or target in self._resolved or target in outer or _resolved_now(target):
+                continue
+            names = ", ".join(f"{r.name} ({r.source})" for r in mine)
+            self._unbound(target, f"{target} never resolved while the sanitizer was active, so rule {names} "
+                                  f"checked nothing: {_why_unresolved(target)}")
 
     # -- calls ------------------------------------------------------------------------
     def _on_python_call(self, patched: Patched, args: tuple, kwargs: dict):
@@ -320,7 +370,13 @@ class PagedSanitizer(contextlib.ContextDecorator):
 
     def _record(self, violations) -> None:
         for v in violations:
-            reporter.report(v, dedup=self.config.dedup)
+            if self.summary:  # logged, counted for the process summary, written to the report file
+                reporter.report(v, dedup=self.config.dedup)
+            else:  # logged only
+                key = (v.op, v.check, v.caller)
+                if key not in self._logged or not self.config.dedup:
+                    self._logged.add(key)
+                    reporter.log(v)
             with self._lock:
                 if len(self.reports) < self.config.max_reports:
                     self.reports.append(v)
@@ -367,6 +423,42 @@ def _dispatch_python_call(patched: Patched, args: tuple, kwargs: dict):
     if sanitizer is None or _passes_through():
         return patched.original(*args, **kwargs)
     return sanitizer._on_python_call(patched, args, kwargs)
+
+
+def _resolved_now(target: str) -> bool:
+    if is_dispatcher_target(target):
+        return resolve_overloads(target) is not None
+    return target in interposer.patched
+
+
+def _why_unresolved(target: str) -> str:
+    """Why a target did not resolve: a module never imported (or not installed), an op never
+    registered."""
+    from importlib.util import find_spec
+
+    if is_dispatcher_target(target):
+        namespace = target.split("::")[0]
+        if namespace in loaded_namespaces():
+            return f"namespace {namespace!r} has ops, but not this one (a typo? library drift?)"
+        return f"no op of namespace {namespace!r} was ever registered (its library never loaded, or a typo)"
+    module = target.partition(":")[0]
+    top = module.partition(".")[0]
+    try:
+        installed = find_spec(top) is not None  # a top-level name: finds, imports nothing
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return f"no module {top!r} is installed (a typo?)"
+    return f"module {module!r} was never imported in this process (a typo? not on the code path?)"
+
+
+def _report_unresolved_at_exit() -> None:
+    """At process exit (before the summary): sanitizers still active, outermost last."""
+    for sanitizer in reversed(list(_active)):
+        try:
+            sanitizer._report_unresolved(final=sanitizer is _active[0])
+        except Exception:
+            pass
 
 
 def _report_resolve_error(target: str, message: str) -> None:
