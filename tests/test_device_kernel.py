@@ -19,7 +19,9 @@ triton = pytest.importorskip("triton", reason="Triton is not installed: the devi
 
 import flashinfer.decode  # noqa: E402
 
-from tsan_paged import device  # noqa: E402
+from tsan_paged import device, engine  # noqa: E402
+from tsan_paged import kernels as K  # noqa: E402
+from tsan_paged.access import Buffer, PageTable  # noqa: E402
 from tsan_paged.registry import Call, CheckOptions  # noqa: E402
 from tsan_paged.rules import flashinfer as fi_rules  # noqa: E402
 
@@ -43,14 +45,19 @@ def bind(kwargs):
     return dict(bound.arguments)
 
 
-def torch_findings(kwargs):
-    return list(fi_rules.trtllm_batch_decode_with_kv_cache(Call(fi_rules.TRTLLM_DECODE, bind(kwargs), CheckOptions())))
+def rule_findings(kwargs, options):
+    call = Call(fi_rules.TRTLLM_DECODE, bind(kwargs), options)
+    return engine.findings(fi_rules.trtllm_batch_decode_with_kv_cache(call), call)
 
 
-def kernel_findings(kwargs):
-    options = CheckOptions()
+def torch_findings(kwargs, capability=None):
+    return rule_findings(kwargs, CheckOptions(cuda_capability=capability))
+
+
+def kernel_findings(kwargs, capability=None):
+    options = CheckOptions(cuda_capability=capability)
     options.device_interpret = True
-    return list(fi_rules.trtllm_batch_decode_with_kv_cache(Call(fi_rules.TRTLLM_DECODE, bind(kwargs), options)))
+    return rule_findings(kwargs, options)
 
 
 def assert_same(kwargs):
@@ -110,7 +117,7 @@ def test_launch_shapes_find_the_same(monkeypatch, entries, slow_tile, fblock_max
     monkeypatch.setattr(device, "SLOW_TILE", slow_tile)
     monkeypatch.setattr(device, "FBLOCK_MAX", fblock_max)
     monkeypatch.setattr(device, "_PLANS", {})
-    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
+    monkeypatch.setattr(fi_rules, "_FORMS", {})
     gen = torch.Generator().manual_seed(200 + seed)
     batch = make_batch(batch=7 + 11 * seed, width=5 + 60 * seed, page_size=16, num_pages=500, stale="garbage",
                        seed=40 + seed)
@@ -121,9 +128,10 @@ def test_launch_shapes_find_the_same(monkeypatch, entries, slow_tile, fblock_max
         table[r, c] = [-1, 500, 2**31 - 1][int(torch.randint(0, 3, (1,), generator=gen))]
     lens[-1] = table.shape[1] * 16 + 3  # past the table: the whole last row is read
     table[-1, -1] = 500
-    plan = device.plan_for(table.shape[0], table.shape[1], (("kv_cache", 500, None),), 16, batch["max_seq_len"],
-                           device.REGION_XQA, -1, 1, False)
-    assert plan.fblock <= fblock_max and plan.sub_r * plan.block_w <= max(slow_tile, 16)
+    plan = device.plan_for(PageTable(table, "block_tables", (Buffer("kv_cache", 500),), 16, lengths=lens,
+                                     max_len=batch["max_seq_len"]))
+    block_r, sub_r, block_w, lblock, fblock = plan.block[:5]
+    assert fblock <= fblock_max and sub_r * block_w <= max(slow_tile, 16)
     assert plan.grid > 1 or entries >= table.numel()
     found = assert_same(batch)
     assert {v.check for v in found} >= {"page-out-of-range", "seq-len-exceeds-table"}
@@ -192,11 +200,8 @@ def test_sliding_window_tile_follows_the_xqa_kernel():
     batch["window_left"] = 99  # S = 500 skipped tokens: first page 28 (64-token tiles) or 16 (256)
     batch["block_tables"][0, 27] = 10**6
     for capability, expected in (((9, 0), "dead-page-out-of-range"), (None, "page-out-of-range")):
-        torch_options, kernel_options = CheckOptions(cuda_capability=capability), CheckOptions(cuda_capability=capability)
-        kernel_options.device_interpret = True
-        rule = fi_rules.trtllm_batch_decode_with_kv_cache
-        expect = list(rule(Call(fi_rules.TRTLLM_DECODE, bind(batch), torch_options)))
-        got = list(rule(Call(fi_rules.TRTLLM_DECODE, bind(batch), kernel_options)))
+        expect = torch_findings(batch, capability)
+        got = kernel_findings(batch, capability)
         assert [(v.check, v.index) for v in got] == [(v.check, v.index) for v in expect] == [(expected, (0, 27))]
 
 
@@ -233,10 +238,16 @@ def test_block_sparse_table():
                                                                    ("dead-page-out-of-range", (0, 0, 4), -3, 1)]
 
 
-def _plan_for(batch):
+def _access(batch):
     table = batch["block_tables"]
-    return device.make_plan(table.shape[0], table.shape[1], [device.View("kv_cache", 100)], 16,
-                            batch["max_seq_len"], device.REGION_XQA, -1, 1, False)
+    return PageTable(table, "block_tables", (Buffer("kv_cache", 100),), 16, lengths=batch["seq_lens"],
+                     max_len=batch["max_seq_len"], guard=-1)
+
+
+def severity(check):
+    from tsan_paged.report import CHECKS
+
+    return CHECKS[check]
 
 
 def test_guard_rewrites_exactly_the_read_entries():
@@ -246,7 +257,8 @@ def test_guard_rewrites_exactly_the_read_entries():
     table[139, 2] = -5
     lens[7] = 20 * 16 + 9  # past the table: every column of row 7 is read, and the length is clamped
     lens[8] = -2
-    plan = _plan_for(batch)
+    access = _access(batch)
+    plan = device.plan_for(access)
     assert plan.grid > 1  # several programs: exercises the last-program-writes-the-record path
     ends = ((lens.clamp(min=0).long() + 15) // 16).clamp(max=20)
     live = torch.arange(20) < ends.unsqueeze(1)
@@ -255,47 +267,39 @@ def test_guard_rewrites_exactly_the_read_entries():
     expected_lens = lens.clone()
     expected_lens[7] = 20 * 16
     expected_lens[8] = 0
-    slot = torch.zeros(device.SLOT_WORDS, dtype=torch.int64)
-    errs = device.err_mask(lambda c: fi_rules_severity(c))
-    device.run_check(plan, table, lens, slot, action="guard", errs=errs, interpret=True)
+    slot = torch.zeros(K.SLOT_WORDS, dtype=torch.int64)
+    found = device.run_interpreted(plan, device.launch_tensors(access), action="guard",
+                                   errs=device.err_mask(severity), slot=slot)
     assert torch.equal(table, expected_table)  # dead stale entries untouched
     assert torch.equal(lens, expected_lens)
-    found = device.decode(plan, slot[device.CALLS:].tolist())
     assert [(v.check, v.index, v.value) for v in found if v.severity == "error"][:3] == [
         ("negative-seq-len", (8,), -2), ("seq-len-exceeds-max", (7,), 329), ("seq-len-exceeds-table", (7,), 329)]
-    assert slot[device.TICKET] == 0 and slot[device.FOUND_MASK] == 0  # scratch reset for the next launch
+    assert slot[K.TICKET] == 0 and slot[K.FOUND_MASK] == 0  # scratch reset for the next launch
     # Guarded, every read entry that was bad is now xqa's "no page" -1 and the lengths fit.
-    slot.zero_()
-    device.run_check(plan, table, lens, slot, interpret=True)
-    again = {v.check: v for v in device.decode(plan, slot[device.CALLS:].tolist())}
+    again = {v.check: v for v in device.run_interpreted(plan, device.launch_tensors(access))}
     assert set(again) == {"page-out-of-range", "dead-page-out-of-range"}
     assert again["page-out-of-range"].count == int((live & bad).sum()) and again["page-out-of-range"].value == -1
 
 
-def fi_rules_severity(check):
-    from tsan_paged.report import CHECKS
-
-    return CHECKS[check]
-
-
 def test_sticky_records_keep_the_first_finding_and_count_calls():
     batch = make_batch(batch=6, width=8, page_size=16, num_pages=100, lengths=[128] * 6, seed=12)
-    table, lens = batch["block_tables"], batch["seq_lens"]
-    plan = _plan_for(batch)
-    slot = torch.zeros(device.SLOT_WORDS, dtype=torch.int64)
-    device.run_check(plan, table, lens, slot, sticky=1, interpret=True)  # clean
+    table = batch["block_tables"]
+    access = _access(batch)
+    plan = device.plan_for(access)
+    slot = torch.zeros(K.SLOT_WORDS, dtype=torch.int64)
+    device.run_interpreted(plan, device.launch_tensors(access), sticky=1, slot=slot)  # clean
     table[4, 2] = 100
-    device.run_check(plan, table, lens, slot, sticky=1, interpret=True)
+    device.run_interpreted(plan, device.launch_tensors(access), sticky=1, slot=slot)
     table[1, 1] = 101
-    device.run_check(plan, table, lens, slot, sticky=1, interpret=True)
-    words = slot[device.CALLS:].tolist()
-    assert words[0] == 3 and words[1] == 2  # calls, calls with a finding
-    found = device.decode(plan, words)
+    device.run_interpreted(plan, device.launch_tensors(access), sticky=1, slot=slot)
+    words = slot.tolist()
+    assert words[K.CALLS] == 3 and words[K.HIT_CALLS] == 2  # calls, calls with a finding
+    found = plan.decode(plan, words)
     assert [(v.check, v.index, v.value, v.count) for v in found] == [("page-out-of-range", (4, 2), 100, 1)]
     # Already reported hits are not reported again.
-    hits = [words[device.RECORD - device.CALLS + 4 * c] for c in range(device.NCHECKS)]
-    assert hits[device.PAGE0] == 2
-    assert device.decode(plan, words, previous_hits=hits) == []
+    hits = [words[K.RECORD + K.REC * c] for c in range(K.NCHECKS)]
+    assert hits[K.PAGE0] == 2
+    assert plan.decode(plan, words, hits) == []
 
 
 def test_bad_tuning_knobs_warn_and_keep_the_defaults():
@@ -359,26 +363,23 @@ def _variants():
 def test_call_form_memo_never_changes_findings(monkeypatch, name, change):
     """A clean call stores its form; a call that differs in anything the analysis reads gets the
     findings a fresh analysis gets (values, as in ``fault``, are read by the kernel on every call)."""
-    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
-    options = CheckOptions()
-    options.device_interpret = True
+    monkeypatch.setattr(fi_rules, "_FORMS", {})
 
     def findings(kwargs):
-        call = Call(fi_rules.TRTLLM_DECODE, bind(kwargs), options)
-        return [tuple(getattr(v, f) for f in FIELDS) for v in fi_rules.trtllm_batch_decode_with_kv_cache(call)]
+        return [tuple(getattr(v, f) for f in FIELDS) for v in kernel_findings(kwargs)]
 
     base = make_batch(batch=4, width=6, page_size=64, num_pages=100, lengths=[380, 64, 200, 300], seed=31)
-    assert findings(base) == [] and len(fi_rules._DEVICE_PLANS) == 1
+    assert findings(base) == [] and len(fi_rules._FORMS) == 1
     changed = dict(base, block_tables=base["block_tables"].clone())
     change(changed)
     with_memo = findings(changed)
-    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
+    monkeypatch.setattr(fi_rules, "_FORMS", {})
     assert with_memo == findings(changed)
     assert with_memo  # every variant changes what is found (or the test would prove nothing)
 
 
 def test_call_form_memo_skips_the_analysis(monkeypatch):
-    monkeypatch.setattr(fi_rules, "_DEVICE_PLANS", {})
+    monkeypatch.setattr(fi_rules, "_FORMS", {})
     analysed = []
     split = fi_rules.split_kv_cache
     monkeypatch.setattr(fi_rules, "split_kv_cache", lambda *a: analysed.append(1) or split(*a))
@@ -386,9 +387,9 @@ def test_call_form_memo_skips_the_analysis(monkeypatch):
     options.device_interpret = True
     batch = make_batch(batch=3, width=5, page_size=16, num_pages=60, lengths=[70, 16, 33], seed=32)
     for _ in range(3):
-        assert list(fi_rules.trtllm_batch_decode_with_kv_cache(Call(fi_rules.TRTLLM_DECODE, bind(batch), options))) == []
+        assert rule_findings(batch, options) == []
     assert len(analysed) == 1
-    options.disabled = frozenset()  # duplicate-page on: the torch path, analysed again
+    options.disabled = frozenset()  # duplicate-page on (a host check): analysed again
     batch["block_tables"][0, 1] = batch["block_tables"][0, 0]
-    found = list(fi_rules.trtllm_batch_decode_with_kv_cache(Call(fi_rules.TRTLLM_DECODE, bind(batch), options)))
+    found = rule_findings(batch, options)
     assert [v.check for v in found] == ["duplicate-page"] and len(analysed) == 2

@@ -178,6 +178,7 @@ def test_sliding_window_with_mtp_starts_earlier():
 
 def test_sliding_window_tile_of_the_hopper_fp8_kernel():
     """fp8 KV on sm90 runs mha_sm90.cu (64-token tiles): S = 500 -> first token 448 -> page 28."""
+    from tsan_paged import engine
     from tsan_paged.registry import Call, CheckOptions
     from tsan_paged.rules.flashinfer import TRTLLM_DECODE, trtllm_batch_decode_with_kv_cache as rule_fn
 
@@ -189,8 +190,8 @@ def test_sliding_window_tile_of_the_hopper_fp8_kernel():
     arguments = inspect.signature(flashinfer.decode.trtllm_batch_decode_with_kv_cache).bind(**batch)
     arguments.apply_defaults()
     def findings(capability):
-        found = rule_fn(Call(TRTLLM_DECODE, dict(arguments.arguments), CheckOptions(cuda_capability=capability)))
-        return sorted((v.check, v.index, v.count) for v in found)
+        call = Call(TRTLLM_DECODE, dict(arguments.arguments), CheckOptions(cuda_capability=capability))
+        return sorted((v.check, v.index, v.count) for v in engine.findings(rule_fn(call), call))
 
     assert findings((9, 0)) == [("dead-page-out-of-range", (0, 27), 1), ("page-out-of-range", (1, 28), 1)]
     assert findings(None) == [("page-out-of-range", (0, 27), 2)]  # unknown GPU: 256-token tiles, both read

@@ -93,7 +93,12 @@ def make_rule(spec: dict, source: str) -> Rule:
 
     def check(call):
         found = _check(call, spec, lambda ref: accessors[ref](call))
-        return found if wanted is None else [v for v in found if v.check in wanted]
+        if wanted is None:
+            return found
+        for item in found:  # the checks the rule asked for: descriptions filter what they find
+            if hasattr(item, "only"):
+                item.only = frozenset(wanted)
+        return [v for v in found if not isinstance(v, Violation) or v.check in wanted]
 
     name = spec.get("name") or f"{source}: {spec['target']}"
     return Rule(target=spec["target"], check=check, reads=tuple(reads), name=name, source=source)
@@ -134,9 +139,11 @@ class _Accessors(dict):
 
 
 def _check(call, spec, value_of) -> list:
+    """The rule's metadata findings and the description of what its kernel reads."""
     import torch
 
     from . import checks
+    from .access import Buffer, CsrPages, PageTable, Slots
 
     table_arg = spec["table"]
     table = value_of(table_arg)
@@ -145,52 +152,41 @@ def _check(call, spec, value_of) -> list:
     by_pages: dict = {}  # buffers with the same page count are checked once, named together
     for ref in spec["buffers"]:
         by_pages.setdefault(int(value_of(ref).shape[page_dim]), []).append(ref)
-    buffers = [(" and ".join(refs), pages) for pages, refs in by_pages.items()]
-    found = []
+    buffers = tuple(Buffer(" and ".join(refs), pages) for pages, refs in by_pages.items())
     if table.dtype.is_floating_point or table.dtype == torch.bool:
         return checks.check_dtype(table, table_arg, (torch.int32, torch.int64))
+    if len(buffers) > 2:  # the device kernels check two page counts: an entry must fit the smallest
+        buffers = (min(buffers, key=lambda b: b.pages),)
 
     if spec.get("slots"):
-        for ref, pages in buffers:
-            found += checks.check_slots(table, pages * page_size, ref, arg=table_arg)
-        return found
+        return [Slots(table, table_arg, Buffer(b.name, b.pages * page_size)) for b in buffers]
 
     if "indptr" in spec:
-        indptr = value_of(spec["indptr"])
         last = value_of(spec["last_page_len"]) if "last_page_len" in spec else None
-        for ref, pages in buffers:
-            found += checks.check_csr_pages(indptr, table, last, pages, page_size, ref, indptr_arg=spec["indptr"],
-                                            indices_arg=table_arg, last_page_len_arg=spec.get("last_page_len", ""))
-            last = None  # per-row findings once, not per buffer
-        return found
+        return [CsrPages(value_of(spec["indptr"]), table, buffers, last, page_size, indptr_arg=spec["indptr"],
+                         indices_arg=table_arg, last_page_len_arg=spec.get("last_page_len", ""))]
 
     if table.dim() != 2:
         return [Violation("shape-mismatch", table_arg, f"{table_arg} has shape {tuple(table.shape)}, "
                                  "a page table is [rows, W]", value=tuple(table.shape))]
-    found += checks.check_packed_rows(table, table_arg)
-    rows, width = table.shape
-    end = None
+    found = checks.check_packed_rows(table, table_arg)
+    rows = table.shape[0]
+    lengths = None
     if "lengths" in spec:
         lengths_arg = spec["lengths"]
         lengths = value_of(lengths_arg).reshape(-1)
         if lengths.shape[0] != rows:
             return found + [Violation("shape-mismatch", lengths_arg, f"{lengths_arg} has {lengths.shape[0]} "
                                              f"rows, {table_arg} has {rows}", value=lengths.shape[0], bound=rows)]
-        bounds = checks.length_bounds(lengths)
-        max_length = value_of(spec["max_length"]) if "max_length" in spec else None
-        found += checks.check_lengths(lengths, lengths_arg, bounds, max_length,
-                                      max_len_arg=str(spec.get("max_length", "")))
-        found += checks.check_lengths_fit(lengths, lengths_arg, bounds, page_size, width, table_arg)
-        end = lengths
-
-    def region():
-        if end is None:
-            return None, None
-        return None, checks.ceil_div(end.to(torch.int64).clamp(min=0), page_size).clamp(max=width)
-
-    for ref, pages in buffers:
-        found += checks.check_pages_in_range(table, table_arg, pages, ref, region)
+    access = PageTable(table, table_arg, buffers, page_size or 1, lengths=lengths,
+                       lengths_arg=spec.get("lengths", ""),
+                       max_len=value_of(spec["max_length"]) if "max_length" in spec and lengths is not None else None,
+                       max_len_arg=str(spec.get("max_length", "")), whole_row=lengths is None)
+    found.append(access)
     if call.wants("duplicate-page"):
+        def region():
+            if lengths is None:
+                return None, None
+            return None, checks.ceil_div(lengths.to(torch.int64).clamp(min=0), page_size).clamp(max=table.shape[1])
         found += checks.check_duplicate_pages(table, table_arg, region)
     return found
-

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from . import engine
 from .registry import Call, CheckOptions, registry
 from .report import Violation
 
@@ -72,7 +73,7 @@ def recheck(payload: dict) -> list:
     call = Call(payload["target"], arguments, CheckOptions(cuda_capability=capability))
     found = []
     for rule in registry.for_target(payload["target"]):
-        found.extend(v.replace(op=payload["target"]) for v in rule.check(call))
+        found.extend(v.replace(op=payload["target"]) for v in engine.findings(rule.check(call), call))
     return found
 
 

@@ -34,6 +34,7 @@ CHECKS = {
     "alloc-out-of-range": "error",
     "rule-unbound": "warning",
     "rule-error": "warning",
+    "rule-skipped-in-capture": "warning",
 }
 """Every check id this sanitizer can report, with its default severity."""
 

@@ -53,6 +53,8 @@ from . import dump as dump_mod
 from .dispatch import ModeCatcher, bind_schema, loaded_namespaces, op_interposer, resolve_overloads
 from .interpose import Patched, interposer
 from .registry import Call, CheckOptions, Registry, UnboundArgument, is_dispatcher_target, registry
+from . import engine
+from .access import Settings
 from .report import PageTableViolation, Violation, reporter
 
 
@@ -100,6 +102,9 @@ class PagedSanitizer(contextlib.ContextDecorator):
             for spec in self.config.rule:
                 self.registry.add(make_rule(spec, source=self.config.source))
         self.options = CheckOptions(disabled=self.config.disabled_checks())
+        self.settings = Settings(mode=self.mode, device_path=self.config.device_path,
+                                 device_action=self.config.device_action, poll_s=self.config.device_poll_s,
+                                 severity=self.config.severity, sink=self)
         self.reports: list = []
         self.dropped = 0
         self.suppressed = 0
@@ -176,12 +181,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 catcher.__exit__(None, None, None)
             except Exception as exc:  # entered on another thread: its mode stack is not ours
                 logger.warning(f"tsan_paged: could not pop the dispatch mode on this thread: {exc}")
-        device = sys.modules.get("tsan_paged.device")
-        if device is not None:  # CUDA tables were checked on the device: read their records now
-            try:
-                device.on_leave(self)
-            except Exception as exc:
-                logger.warning(f"tsan_paged: could not read device check records: {exc}")
+        try:  # CUDA tables were checked on the device: read their records now
+            engine.on_leave(self, last=all(s is self for s in _active))
+        except Exception as exc:
+            logger.warning(f"tsan_paged: could not read device check records: {exc}")
         if self.options.page_tracker is not None:
             from . import tracking
 
@@ -197,9 +200,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
     def flush(self) -> None:
         """Read the device check records now (a sync) and report what is new; in ``raise``
         mode, raise the deferred errors (CUDA graph replays) as :class:`PageTableViolation`."""
-        device = sys.modules.get("tsan_paged.device")
-        if device is not None:
-            device.flush(self)
+        engine.flush(self)
         self._raise_deferred()
 
     def report_found(self, violations, defer: bool = False) -> None:
@@ -315,7 +316,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
         return _call_checked(call_original)
 
     def _check_and_act(self, target: str, rules, arguments: dict, library_dirs: tuple) -> None:
-        violations = self._run_rules(target, rules, arguments)
+        violations = self._run_rules(target, rules, arguments, library_dirs)
         if not violations:
             return
         caller, stack = find_caller(library_dirs)
@@ -334,18 +335,29 @@ class PagedSanitizer(contextlib.ContextDecorator):
         if self.mode == "abort":
             _abort(errors, dump_path, self.config.exit_code)
 
-    def _run_rules(self, target: str, rules, arguments: dict) -> list:
+    def _run_rules(self, target: str, rules, arguments: dict, library_dirs: tuple = ()) -> list:
+        """The findings of ``rules`` on one call: each rule describes (and checks metadata), the
+        engine checks the descriptions (on the device for CUDA tensors)."""
         found = []
         call = Call(target, arguments, self.options)
         _local.checking = True
         try:
             for rule in rules:
+                # A rule of the user's may read values on the host: while a CUDA graph is being
+                # captured, a sync is refused before it happens (the capture survives) and the
+                # rule is skipped for this call site. Built-in rules only describe.
+                capture = not rule.builtin and engine.capturing()
                 try:
-                    found.extend(rule.check(call))
+                    with engine.no_sync_while(capture):
+                        items = list(rule.check(call))
+                    found.extend(engine.execute(items, call, self.settings, target, library_dirs))
                 except UnboundArgument as exc:
                     found.append(Violation("rule-unbound", target, f"rule {rule.name} reads {exc.args[0]!r}, "
                                                                    f"which {target} does not take (library drift?)"))
                 except Exception as exc:
+                    if capture and engine.sync_refusal(exc):
+                        found += engine.skipped_rule(self.settings, target, library_dirs, rule.name, exc)
+                        continue
                     found.append(Violation("rule-error", target, f"rule {rule.name} raised "
                                            f"{type(exc).__name__}: {exc}; the call was not checked\n"
                                            + "".join(traceback.format_exception(exc)[-3:]).rstrip()))

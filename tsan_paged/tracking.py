@@ -44,6 +44,8 @@ from typing import Optional
 
 import torch
 
+from . import checks
+from .access import HostCheck
 from .callsite import caller_frame, describe, short_path
 from .report import MAX_EXAMPLES, Violation
 
@@ -98,6 +100,7 @@ class PageTracker:
         self._stack_list: list = []
         self._listener = None
         self._named = weakref.WeakSet()  # SWA allocators whose sub-allocators are named
+        self.sinks: list = []  # the sanitizers tracking, in start order: the last one reports
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -313,14 +316,15 @@ class PageTracker:
         matches = [s for a, s in list(self.pools.items()) if s.pages == pages]
         return matches[0] if len(matches) == 1 else None
 
-    def check_read(self, call, views, tensors, lengths, page_size: int) -> list:
+    def check_read(self, call, access, tensors) -> list:
         if call.get("enable_block_sparse_attention"):
             return []
         found = []
-        lens = lengths.reshape(-1).to(torch.int64)
+        page_size = access.page_size
+        lens = access.lengths.reshape(-1).to(torch.int64)
         window_left = call.get("window_left")
         q_len = call.get("max_q_len") or call.get("q_len_per_req") or 1
-        for (view, name_of, buffer, _), kv in zip(views, tensors):
+        for (view, name_of, _), kv in zip(checks.table_views(access), tensors):
             with self.lock:
                 state = self.pool_of(kv)
                 if state is None:
@@ -430,13 +434,12 @@ def _make_wrapper(tracker: PageTracker, cls, name: str, kind: str, original):
 
 
 def _report(found: list) -> None:
-    """An allocator finding: reported through the active sanitizer, acted on by its mode."""
-    from .sanitizer import current
-
-    san = current()
-    if san is not None:
+    """An allocator finding: reported through the sanitizer that started tracking last (of those
+    still tracking), acted on by its mode."""
+    sink = tracker.sinks[-1] if tracker.sinks else None
+    if sink is not None:
         caller, stack = _allocator_caller()
-        san.report_found([v.replace(caller=caller, stack=stack) for v in found])
+        sink.report_found([v.replace(caller=caller, stack=stack) for v in found])
 
 
 def _allocator_caller():
@@ -452,8 +455,10 @@ tracker = PageTracker()
 
 
 def start(sanitizer) -> PageTracker:
-    """Start shadowing (reference-counted over sanitizers); sets ``sanitizer.options.page_tracker``."""
+    """Start shadowing (reference-counted over sanitizers); sets ``sanitizer.options.page_tracker``.
+    Allocator findings go to ``sanitizer.report_found`` while it is the last one started."""
     tracker.start()
+    tracker.sinks.append(sanitizer)
     sanitizer.options.page_tracker = tracker
     return tracker
 
@@ -462,6 +467,8 @@ def stop(sanitizer) -> None:
     if getattr(sanitizer.options, "page_tracker", None) is None:
         return
     sanitizer.options.page_tracker = None
+    if sanitizer in tracker.sinks:
+        tracker.sinks.remove(sanitizer)
     tracker.stop()
 
 
@@ -471,13 +478,13 @@ def enabled(call) -> bool:
     return page_tracker is not None and page_tracker.active
 
 
-def check_read_pages(call, views, tensors, lengths, page_size: int) -> list:
-    """``page-not-allocated`` findings of a decode call's table (``[]`` unless tracking).
-
-    ``views``: the rule's ``[(view [rows, W], index_of, buffer name, pages)]``; ``tensors``:
-    the KV buffer each view indexes (``(k, v)``, in the same order); ``lengths``: per-row
-    KV lengths.
-    """
+def check_read_pages(call, access, tensors) -> list:
+    """The ``page-not-allocated`` check of a decode call's :class:`~tsan_paged.access.PageTable`
+    (``[]`` unless tracking): a host check, ``tensors`` the KV buffer each of its views indexes
+    (``(k, v)``, in the same order). On a CUDA table it syncs, so it is skipped (with a
+    ``rule-skipped-in-capture`` warning) while a graph is being captured."""
     if not enabled(call):
         return []
-    return call.options.page_tracker.check_read(call, views, tensors, lengths, page_size)
+    tracker_ = call.options.page_tracker
+    return [HostCheck("page-not-allocated (track_pages)", lambda: tracker_.check_read(call, access, tensors),
+                      cuda=access.table.is_cuda)]

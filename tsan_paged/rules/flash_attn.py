@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
+from ..access import Buffer, PageTable
 from ..registry import rule
 from ..report import Violation
 
@@ -68,9 +69,10 @@ def flash_attn_with_kvcache(call):
     width = table.shape[1]
     capacity = width * page_size
     new_tokens = int(k_new.shape[1]) if isinstance(k_new, torch.Tensor) else 0
-    if lengths is None:
-        total = None  # every row is `capacity` long: the whole row is read
+    if lengths is None:  # every row is `capacity` long: every page is read
+        lengths, new_tokens, check_lengths = torch.full((batch,), capacity, dtype=torch.int32, device=device), 0, False
     else:
+        check_lengths = True
         if isinstance(lengths, int):
             lengths = torch.full((batch,), lengths, dtype=torch.int32, device=device)
         if tuple(lengths.shape) != (batch,):
@@ -80,20 +82,13 @@ def flash_attn_with_kvcache(call):
         found += checks.check_dtype(lengths, "cache_seqlens", (torch.int32,))
         if lengths.dtype.is_floating_point:
             return found
-        total = lengths.to(torch.int64) + new_tokens
-        bounds = checks.length_bounds(total)
-        found += checks.check_lengths(total, "cache_seqlens", bounds)
-        found += checks.check_lengths_fit(total, "cache_seqlens", bounds, page_size, width, "block_table")
     window_left = window[0] if window is not None else -1
     if window_left is not None and window_left >= capacity:
         window_left = -1  # flash_api.cpp: window_size_left >= seqlen_k -> no window
-
-    def region():
-        lens = total if total is not None else torch.full((batch,), capacity, dtype=torch.int64, device=device)
-        end = checks.ceil_div(lens.clamp(min=0), page_size).clamp(max=width)
-        first = None
-        if window_left is not None and window_left >= 0:
-            first = (lens - q.shape[1] - window_left).clamp(min=0) // page_size
-        return first, end
-
-    return found + checks.check_pages_in_range(table, "block_table", num_blocks, "k_cache", region)
+    # Read region: columns [floor(max(L - seqlen_q - window_left, 0) / ps), ceil(L / ps)) with
+    # L = cache_seqlens + new tokens: the window skip in whole pages (tile = page size).
+    return found + [PageTable(table, "block_table", (Buffer("k_cache", num_blocks),), page_size, lengths=lengths,
+                              lengths_arg="cache_seqlens", length_offset=new_tokens,
+                              window_left=-1 if window_left is None else int(window_left), q_len=int(q.shape[1]),
+                              only=None if check_lengths else frozenset({"page-out-of-range",
+                                                                          "dead-page-out-of-range"}))]

@@ -27,11 +27,13 @@ serving tables (SGLang's) hold stale values there.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import checks
-from .. import device as device_mod
 from .. import tracking
+from ..access import Buffer, CsrPages, HostCheck, PageTable, Writes
 from ..registry import rule
 from ..report import Violation
 
@@ -89,25 +91,20 @@ def resolve_backend(backend: str, device: torch.device, capability=None) -> str:
     return "trtllm-gen" if capability[0] == 10 else "xqa"
 
 
+_CAPABILITY: dict = {}
+
+
 def _capability(call, device):
     """The compute capability the call runs on (``tsan-paged show`` sets the dumped device's)."""
     if call.options.cuda_capability is not None:
         return tuple(call.options.cuda_capability)
     if device.type == "cuda":
-        return device_mod.capability(device)  # cached per device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _CAPABILITY.get(index)
+        if cap is None:
+            cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+        return cap
     return None
-
-
-def _window_first_page(lengths, window_left, q_len, page_size, tile):
-    """First column a sliding-window kernel loads per row (``None`` without a window).
-
-    xqa (``mha.cu`` near line 1772, ``mha_sm90.cu``): ``S = seq_len - q_len + 1 - win`` tokens
-    (``win = window_left + 1``) are skipped in whole tiles of ``tile`` tokens.
-    """
-    if window_left is None or window_left < 0:
-        return None
-    skipped = (lengths - (q_len - 1) - (window_left + 1)).clamp(min=0)
-    return (skipped // tile * tile) // page_size
 
 
 def _xqa_tile(k, head_dim, q_len, capability) -> int:
@@ -145,18 +142,6 @@ def _dtypes_and_devices(found, device, table, lengths, table_arg="block_tables",
     return True
 
 
-def _length_checks(found, lengths, page_size, width, max_len, lengths_arg="seq_lens", table_arg="block_tables",
-                   max_len_arg="max_seq_len", index_of=lambda r: (r,)):
-    """Negative lengths, lengths past ``max_len`` and past the table; returns the lengths as
-    the range checks read them (uint32 widened)."""
-    if lengths.dtype == torch.uint32:  # few CPU ops take uint32
-        lengths = lengths.to(torch.int64)
-    bounds = checks.length_bounds(lengths)
-    found += checks.check_lengths(lengths, lengths_arg, bounds, max_len, max_len_arg=max_len_arg, index_of=index_of)
-    found += checks.check_lengths_fit(lengths, lengths_arg, bounds, page_size, width, table_arg, index_of=index_of)
-    return lengths
-
-
 _DECODE_READS = ("query", "kv_cache", "block_tables", "seq_lens", "max_seq_len", "window_left", "kv_layout",
                  "backend", "q_len_per_req", "max_q_len", "cum_seq_lens_q", "uses_shared_paged_kv_idx",
                  "enable_block_sparse_attention")
@@ -167,12 +152,14 @@ def trtllm_batch_decode_with_kv_cache(call):
     arguments = call.read(_DECODE_READS)
     (query, kv_cache, table, lengths, max_seq_len, window_left, kv_layout, backend, q_len_per_req,
      max_q_len, cum_seq_lens_q, shared, sparse) = arguments
-    call_form = None  # CPU tables take the torch checks: they pay nothing for the device path's memo
+    # A decode loop calls with one form (shapes, dtypes, scalars) over and over: the analysis below
+    # (metadata only) runs once per form, later calls describe their tensors with its result.
+    form = None  # CPU tables take the torch checks: they pay nothing for the memo
     if isinstance(table, torch.Tensor) and (table.is_cuda or getattr(call.options, "device_interpret", False)):
-        call_form = _device_form(call, arguments)
-    plan = _DEVICE_PLANS.get(call_form) if call_form is not None else None
-    if plan is not None and _takes_device_path(call, table, lengths):
-        return _device_check(call, plan, table, lengths)
+        form = _call_form(call, arguments)
+    known = _FORMS.get(form) if form is not None else None
+    if known is not None and not (call.wants("duplicate-page") or tracking.enabled(call)):
+        return [PageTable(table, lengths=lengths.reshape(-1) if sparse else lengths, **known)]
 
     k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
     if k is None:
@@ -182,19 +169,19 @@ def trtllm_batch_decode_with_kv_cache(call):
     if not _dtypes_and_devices(found, device, table, lengths, others=((k, k_name), (v, v_name))):
         return found
 
-    # Table form: a 2D view [rows, W] for the checks, and how to name an entry of it.
+    # Table form
     if sparse:
-        expected_dims, form = 3, "[num_kv_heads, batch, W]"
+        expected_dims, form_text = 3, "[num_kv_heads, batch, W]"
     elif shared:
-        expected_dims, form = 2, "[batch, W]"
+        expected_dims, form_text = 2, "[batch, W]"
     else:
-        expected_dims, form = 3, "[batch, 2, W]"
+        expected_dims, form_text = 3, "[batch, 2, W]"
     if table.dim() != expected_dims or (not shared and not sparse and table.shape[1] != 2):
         return found + [Violation("shape-mismatch", "block_tables",
-                                  f"block_tables has shape {tuple(table.shape)}, expected {form}"
+                                  f"block_tables has shape {tuple(table.shape)}, expected {form_text}"
                                   f" (uses_shared_paged_kv_idx={shared}, enable_block_sparse_attention={sparse})",
-                                  value=tuple(table.shape), bound=form)]
-    batch, width = table.shape[-2] if sparse else table.shape[0], table.shape[-1]
+                                  value=tuple(table.shape), bound=form_text)]
+    batch = table.shape[-2] if sparse else table.shape[0]
     batch_shape = tuple(table.shape[:2]) if sparse else (batch,)
     q_len = q_len_per_req or 1
     if cum_seq_lens_q is None and query.shape[0] != batch * q_len:
@@ -206,73 +193,62 @@ def trtllm_batch_decode_with_kv_cache(call):
                                f"block_tables implies {batch_shape}", value=tuple(lengths.shape), bound=batch_shape))
         return found
 
-    # The device kernel checks lengths and page ranges; duplicate-page and track_pages'
-    # page-not-allocated need the torch checks below (which sync on a CUDA table).
-    if _takes_device_path(call, table, lengths):
-        plan = _device_plan(call, table, lengths, k, v, k_name, v_name, page_size, batch, width, max_seq_len,
-                            window_left, backend, max_q_len or q_len, shared, sparse)
-        if call_form is not None and not found:  # the next call of this form skips the analysis above
-            if len(_DEVICE_PLANS) > 4096:
-                _DEVICE_PLANS.clear()
-            _DEVICE_PLANS[call_form] = plan
-        return found + _device_check(call, plan, table, lengths)
-
-    if sparse:
-        lengths = lengths.reshape(-1)
-
-        def index_of(r, c, n=batch):
-            return (r // n, r % n, c)
-    else:
-        def index_of(r, c):
-            return (r, c)
-    lengths = _length_checks(found, lengths, page_size, width, max_seq_len,
-                             index_of=lambda r: index_of(r, 0)[:-1])
-    def region():
-        """Columns each row reads (computed only when something is out of range)."""
-        capability = _capability(call, device)
-        kernel = resolve_backend(backend, device, capability)
-        if kernel != "xqa" and not sparse:
-            return None, None  # trtllm-gen: the whole row counts as read
-        lens = lengths.to(torch.int64)
-        end = checks.ceil_div(lens.clamp(min=0), page_size).clamp(max=width)
-        if kernel != "xqa":
-            return None, end
-        tile = _xqa_tile(k, query.shape[-1], max_q_len or q_len, capability)
-        return _window_first_page(lens, window_left, max_q_len or q_len, page_size, tile), end
-
+    # What row i reads (module docstring), by the backend "auto" picks on this GPU.
+    capability = _capability(call, device)
+    kernel = resolve_backend(backend, device, capability)
+    pk, pv = int(k.shape[0]), int(v.shape[0])
     if shared or sparse:
-        view = table if not sparse else table.reshape(-1, width)
-        if k.shape[0] == v.shape[0]:
-            views = [(view, index_of, "kv_cache", k.shape[0])]
-        else:
-            views = [(view, index_of, k_name, k.shape[0]), (view, index_of, v_name, v.shape[0])]
+        buffers = (Buffer("kv_cache", pk),) if pk == pv else (Buffer(k_name, pk), Buffer(v_name, pv))
     else:  # [B, 2, W]: K ids index K, V ids index V
-        views = [(table[:, 0, :], lambda r, c: (r, 0, c), k_name, k.shape[0]),
-                 (table[:, 1, :], lambda r, c: (r, 1, c), v_name, v.shape[0])]
-    for view, name_of, buffer, num_pages in views:
-        found += checks.check_pages_in_range(view, "block_tables", num_pages, buffer, region, name_of)
+        buffers = (Buffer(k_name, pk), Buffer(v_name, pv))
+    described = dict(arg="block_tables", buffers=buffers, page_size=page_size, lengths_arg="seq_lens",
+                     max_len=max_seq_len, max_len_arg="max_seq_len", kv_split=not (shared or sparse),
+                     sparse_batch=batch if sparse else None, guard=-1 if kernel == "xqa" else 0)
+    if kernel == "xqa":
+        q = max_q_len or q_len
+        described.update(window_left=-1 if window_left is None else int(window_left), q_len=q,
+                         tile=_xqa_tile(k, query.shape[-1], q, capability))
+    elif not sparse:
+        described.update(whole_row=True)  # trtllm-gen: the whole row counts as read
+    access = PageTable(table, lengths=lengths.reshape(-1) if sparse else lengths, **described)
+    found.append(access)
     if call.wants("duplicate-page"):
-        for view, name_of, _, _ in views[:: 1 if not shared else len(views)]:
-            found += checks.check_duplicate_pages(view, "block_tables", region, name_of)
-    found += tracking.check_read_pages(call, views, (k, v), lengths, page_size)  # [] unless track_pages
+        for view, index_of, _ in checks.table_views(access)[:: 1 if not shared else len(buffers)]:
+            found += checks.check_duplicate_pages(view, "block_tables", _read_region(access), index_of)
+    found += tracking.check_read_pages(call, access, (k, v))  # [] unless track_pages
+    if form is not None and len(found) == 1:  # the next call of this form skips the analysis above
+        if len(_FORMS) > 4096:
+            _FORMS.clear()
+        _FORMS[form] = described
     return found
 
 
-# -- the device path ---------------------------------------------------------------------------
-# A call that takes the device path needs only metadata from its arguments on the host: shapes,
-# dtypes, devices, contiguity and the scalar arguments; the kernel reads the values on every call.
-# _DEVICE_PLANS maps that metadata (the call's *form*) to the launch plan the full analysis chose
-# for it, so a decode loop pays the analysis once per form (profiled, the check's time fell by ~45%;
-# timed on an H100 host, 28.9 -> 24.7 us per call: docs/gpu.md). Only forms the analysis passed
-# without a finding are kept; what the configuration decides (device path on, duplicate-page, page
-# tracking) is asked on every call.
+def _read_region(access: PageTable):
+    """The region ``checks.check_duplicate_pages`` takes: ``() -> (first, end)``."""
+    def region():
+        lengths = access.lengths.reshape(-1).to(torch.int64)
+        end = checks.ceil_div(lengths.clamp(min=0), access.page_size).clamp(max=access.width)
+        if access.whole_row:
+            return None, None
+        if access.window_left < 0:
+            return None, end
+        return checks.window_first_page(lengths, access.window_left, access.q_len, access.page_size,
+                                        access.tile), end
+    return region
+
+
+# A call's form: everything the analysis reads before it describes the access (shapes, dtypes,
+# devices, contiguity, scalar arguments). Profiled, the memo cut the decode rule's host time by ~45%
+# (docs/gpu.md). Only forms the analysis passed without a finding are kept; what the configuration
+# decides (duplicate-page, page tracking) is asked on every call.
 _PLAIN = (int, float, bool, str, type(None))
-_DEVICE_PLANS: dict = {}  # form -> device.Plan
+_FORMS: dict = {}  # form -> the PageTable's arguments but its tensors
 
 
-def _device_form(call, arguments):
-    """Everything the analysis reads from a decode call before the device path, or ``None`` when
-    an argument is not a plain tensor or scalar (the call then always takes the full analysis)."""
+def _call_form(call, arguments):
+    """Everything the analysis reads from a decode call before it describes the access, or
+    ``None`` when an argument is not a plain tensor or scalar (the call then always takes the
+    full analysis)."""
     (query, kv_cache, table, lengths, max_seq_len, window_left, kv_layout, backend, q_len_per_req,
      max_q_len, cum_seq_lens_q, shared, sparse) = arguments
     tensor = torch.Tensor
@@ -291,47 +267,9 @@ def _device_form(call, arguments):
     for value in scalars:
         if type(value) not in _PLAIN:
             return None
-    options = call.options
     return (kv, query.shape, query.device, table.shape, table.dtype, table.device, table.is_contiguous(),
             lengths.shape, lengths.dtype, lengths.device, lengths.is_contiguous(), cum_seq_lens_q is None,
-            scalars, options.cuda_capability, getattr(options, "device_interpret", False))
-
-
-def _takes_device_path(call, table, lengths) -> bool:
-    """A CUDA table (or a CPU one under the interpreter, in tests), and no check that needs the torch path."""
-    interpret = getattr(call.options, "device_interpret", False)
-    return ((device_mod.enabled(table, lengths) or (interpret and device_mod.interpretable(table, lengths)))
-            and not call.wants("duplicate-page") and not tracking.enabled(call))
-
-
-def _device_plan(call, table, lengths, k, v, k_name, v_name, page_size, batch, width, max_seq_len, window_left,
-                 backend, q_len, shared, sparse):
-    """The launch plan of the device kernel for this table form (:mod:`tsan_paged.device`).
-    Built once per call form (``_DEVICE_PLANS``), or on every call of a form with findings."""
-    capability = _capability(call, table.device)  # picks the backend ("auto") and the xqa kernel's tile
-    backend = resolve_backend(backend, table.device, capability)
-    if backend == "xqa":
-        region = device_mod.REGION_XQA
-    else:
-        region = device_mod.REGION_END if sparse else device_mod.REGION_ROW
-    pk, pv = int(k.shape[0]), int(v.shape[0])
-    if shared or sparse:
-        views = (("kv_cache", pk, None),) if pk == pv else ((k_name, pk, None), (v_name, pv, None))
-    else:
-        views = ((k_name, pk, 0), (v_name, pv, 1))
-    rows = table.shape[0] * table.shape[1] if sparse else table.shape[0]
-    return device_mod.plan_for(rows, width, views, page_size, max_seq_len, region,
-                               window_left, q_len, lengths.dtype == torch.uint32, kv_split=not (shared or sparse),
-                               sparse_batch=batch if sparse else None, guard_value=-1 if backend == "xqa" else 0,
-                               tile=_xqa_tile(k, k.shape[-1], q_len, capability))
-
-
-def _device_check(call, plan, table, lengths) -> list:
-    if plan.rows == 0 or plan.width == 0:
-        return []
-    if lengths.dim() != 1:
-        lengths = lengths.reshape(-1)  # a view: [H, B] block-sparse lengths are packed
-    return device_mod.check(call.target, plan, table, lengths)
+            scalars, call.options.cuda_capability, getattr(call.options, "device_interpret", False))
 
 
 # =========================================================================================
@@ -339,8 +277,6 @@ def _device_check(call, plan, table, lengths) -> list:
 # wrappers (plan/run) and append_paged_kv_cache (a write). Each rule states the source it
 # follows; paths are relative to site-packages/flashinfer.
 # =========================================================================================
-
-import weakref as _weakref  # noqa: E402
 
 TRTLLM_CONTEXT = "flashinfer.prefill:trtllm_batch_context_with_kv_cache"
 TRTLLM_MLA_DECODE = "flashinfer.mla._core:trtllm_batch_decode_with_kv_cache_mla"
@@ -352,14 +288,14 @@ DECODE_WRAPPER = "flashinfer.decode:BatchDecodeWithPagedKVCacheWrapper"
 PREFILL_WRAPPER = "flashinfer.prefill:BatchPrefillWithPagedKVCacheWrapper"
 APPEND_PAGED_KV = "flashinfer.page:append_paged_kv_cache"
 
-def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages, page_size, device,
-                 region_kind, first=None, max_len=None, max_len_arg="max_seq_len", kv_split=False):
-    """The common checks of a dense ``[B, W]`` (or ``[B, 2, W]``) page table.
 
-    ``pages``: ``[(buffer name, page count)]`` (K and V, or one). ``region_kind``:
-    ``"lengths"`` (row i reads columns ``first[i] <= j < ceil(len_i / ps)``) or ``"row"``
-    (every column counts as read). Appends to ``found`` and returns it.
-    """
+def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages, page_size, device,
+                 whole_row=False, window_left=-1, q_len=1, tile=0, max_len=None, max_len_arg="max_seq_len",
+                 kv_split=False, guard=0):
+    """The common form of a dense ``[B, W]`` (or ``[B, 2, W]``) page table: its metadata checks,
+    then its access. ``pages``: ``[(buffer name, page count)]`` (K and V, or one). Row i reads
+    columns ``[first, ceil(len_i / ps))`` (the window's first, see :class:`PageTable`), or every
+    column (``whole_row``). Appends to ``found`` and returns it."""
     if not _dtypes_and_devices(found, device, table, lengths, table_arg, lengths_arg):
         return found
     form = "[batch, 2, W]" if kv_split else "[batch, W]"
@@ -369,35 +305,20 @@ def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages,
                                f"{table_arg} has shape {tuple(table.shape)}, expected {form} with batch {batch}",
                                value=tuple(table.shape), bound=form))
         return found
-    width = table.shape[-1]
-    if lengths is not None:
-        if tuple(lengths.shape) != (table.shape[0],):
-            found.append(Violation("shape-mismatch", lengths_arg, f"{lengths_arg} has shape {tuple(lengths.shape)}, "
-                                   f"{table_arg} implies ({table.shape[0]},)", value=tuple(lengths.shape),
-                                   bound=(table.shape[0],)))
-            return found
-        lengths = _length_checks(found, lengths, page_size, width, max_len, lengths_arg, table_arg, max_len_arg)
-
-    def region():
-        if region_kind == "row" or lengths is None:
-            return None, None
-        lens = lengths.to(torch.int64)
-        end = checks.ceil_div(lens.clamp(min=0), page_size).clamp(max=width)
-        return (first(lens) if first is not None else None), end
-
-    if kv_split:
-        views = [(table[:, kv, :], (lambda kv: lambda r, c: (r, kv, c))(kv), name, n)
-                 for kv, (name, n) in enumerate(pages)]
-    else:
-        if len(pages) == 1:
-            name, n = pages[0]
-        elif pages[0][1] == pages[1][1]:
-            name, n = "kv_cache", pages[0][1]
-        else:  # an entry valid for the smaller buffer is valid for both: report against it
-            name, n = min(pages, key=lambda p: p[1])
-        views = [(table, lambda r, c: (r, c), name, n)]
-    for view, index_of, buffer, num_pages in views:
-        found += checks.check_pages_in_range(view, table_arg, num_pages, buffer, region, index_of)
+    if lengths is not None and tuple(lengths.shape) != (table.shape[0],):
+        found.append(Violation("shape-mismatch", lengths_arg, f"{lengths_arg} has shape {tuple(lengths.shape)}, "
+                               f"{table_arg} implies ({table.shape[0]},)", value=tuple(lengths.shape),
+                               bound=(table.shape[0],)))
+        return found
+    if kv_split or len(pages) == 1:
+        buffers = tuple(Buffer(name, n) for name, n in pages)
+    elif pages[0][1] == pages[1][1]:
+        buffers = (Buffer("kv_cache", pages[0][1]),)
+    else:  # an entry valid for the smaller buffer is valid for both: report against it
+        buffers = (Buffer(*min(pages, key=lambda p: p[1])),)
+    found.append(PageTable(table, table_arg, buffers, page_size, lengths=lengths, lengths_arg=lengths_arg,
+                           max_len=max_len, max_len_arg=max_len_arg, whole_row=whole_row or lengths is None,
+                           window_left=window_left, q_len=q_len, tile=tile, kv_split=kv_split, guard=guard))
     return found
 
 
@@ -432,7 +353,7 @@ def trtllm_batch_context_with_kv_cache(call):
             found += checks.check_device(t, arg, query.device, "query")
     pages = [(k_name, int(k.shape[0])), (v_name, int(v.shape[0]))]
     return _check_table(found, table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
-                        batch=batch_size, pages=pages, page_size=page_size, device=query.device, region_kind="row",
+                        batch=batch_size, pages=pages, page_size=page_size, device=query.device, whole_row=True,
                         max_len=max_kv_len, max_len_arg="max_kv_len", kv_split=not shared)
 
 
@@ -446,8 +367,9 @@ def _xqa_checks(call, found, *, q_device, k, v, k_name, v_name, table, table_arg
     tile = _xqa_tile(k, head_dim, q_len, _capability(call, q_device))
     pages = [(k_name, int(k.shape[0])), (v_name, int(v.shape[0]))]
     return _check_table(found, table=table, table_arg=table_arg, lengths=lengths, lengths_arg=lengths_arg,
-                        batch=batch, pages=pages, page_size=page_size, device=q_device, region_kind="lengths",
-                        first=lambda lens: _window_first_page(lens, window_left, q_len, page_size, tile))
+                        batch=batch, pages=pages, page_size=page_size, device=q_device,
+                        window_left=-1 if window_left is None else int(window_left), q_len=q_len, tile=tile,
+                        guard=-1)
 
 
 _XQA_DECODE_READS = ("query", "kv_cache", "block_tables", "seq_lens", "window_left", "kv_layout", "q_len_per_req",
@@ -533,7 +455,7 @@ def trtllm_batch_decode_with_kv_cache_mla(call):
     batch = query.shape[0] if query.dim() == 4 and cu_q is None else None
     return _check_table(found, table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
                         batch=batch, pages=[("kv_cache", pages)] * (1 if shared else 2), page_size=page_size,
-                        device=query.device, region_kind="lengths" if xqa_backend else "row",
+                        device=query.device, whole_row=not xqa_backend,
                         max_len=None if xqa_backend else max_seq_len, kv_split=not shared)
 
 
@@ -547,8 +469,7 @@ def xqa_batch_decode_with_kv_cache_mla(call):
     if found:
         return found
     return _check_table(found, table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
-                        batch=query.shape[0], pages=[("kv_cache", pages)], page_size=page_size, device=query.device,
-                        region_kind="lengths")
+                        batch=query.shape[0], pages=[("kv_cache", pages)], page_size=page_size, device=query.device)
 
 
 _XQA_MLA_RAW_READS = ("q", "k_cache", "page_table", "seq_lens", "page_size")
@@ -562,26 +483,30 @@ def xqa_mla(call):
     if lengths.dim() == 2:
         lengths = lengths[:, 0]
     return _check_table([], table=table, table_arg="page_table", lengths=lengths, lengths_arg="seq_lens",
-                        batch=q.shape[0], pages=[("k_cache", pages)], page_size=page_size, device=q.device,
-                        region_kind="lengths")
+                        batch=q.shape[0], pages=[("k_cache", pages)], page_size=page_size, device=q.device)
 
 
 # -- the paged wrappers (flashinfer/decode.py, flashinfer/prefill.py) ---------------------
 # plan(indptr, indices, last_page_len, ..., page_size): a CSR page list, row i reads
-# indices[indptr[i]:indptr[i+1]] (page.cuh paged_kv_t); run(q, paged_kv_cache) reads them
-# from the cache whose layout the constructor fixed (self._kv_layout). Checked at plan time
-# against the pages of the cache the same wrapper last ran on (when known), else at run.
-_wrapper_state = _weakref.WeakKeyDictionary()  # wrapper -> {"plan": ..., "pages": ...}
+# indices[indptr[i]:indptr[i+1]] (page.cuh paged_kv_t); run(q, paged_kv_cache) reads them from
+# the wrapper's own device copies, _paged_kv_indptr_buf / _paged_kv_indices_buf /
+# _paged_kv_last_page_len_buf (decode.py plan(), near line 2115: copied in place in CUDA-graph
+# mode, so a captured run reads whatever they hold at each replay), through the cache whose
+# layout the constructor fixed (self._kv_layout). plan() is checked as given (and against the
+# pages of the cache the wrapper last ran on, when known); run() checks the buffers it reads:
+# every call when they are on a GPU (the device kernel: captured runs are checked at every
+# replay), once per plan and cache on a CPU.
+_wrapper_state = weakref.WeakKeyDictionary()  # wrapper -> {"plan": ..., "pages": ..., "verified": ...}
+_WRAPPER_BUFFERS = ("_paged_kv_indptr_buf", "_paged_kv_indices_buf", "_paged_kv_last_page_len_buf")
+NO_PAGE_BOUND = 2**62  # a page count no entry reaches: the list's structure is checked, not its pages
 
 
-def _csr_pages_finding(plan, pages):
-    """``page-out-of-range`` findings of a recorded plan against ``pages = ((name, P), ...)``."""
-    indptr, indices, last_page_len, page_size, names = plan
+def _smallest(pages) -> Buffer:
+    """The buffer an entry must fit (one valid for the smaller cache is valid for both)."""
     name, num_pages = min(pages, key=lambda p: p[1])
     if len(pages) > 1 and pages[0][1] == pages[1][1]:
         name = "paged_kv_cache"
-    return [v for v in checks.check_csr_pages(indptr, indices, last_page_len, num_pages, page_size, name, *names)
-            if v.check == "page-out-of-range"]
+    return Buffer(name, num_pages)
 
 
 def _wrapper_plan(call, names):
@@ -593,41 +518,42 @@ def _wrapper_plan(call, names):
             found += checks.check_dtype(tensor, arg, (indptr.dtype,))
     if found or indptr.dtype.is_floating_point:
         return found
-    found += [v for v in checks.check_csr_pages(indptr, indices, last_page_len, 2**62, page_size, "paged_kv_cache",
-                                                 *names) if v.check != "page-out-of-range"]
-    plan = (indptr, indices, last_page_len, page_size, names)
     state = _wrapper_state.setdefault(wrapper, {})
-    state["plan"], state["verified"] = plan, None
-    if state.get("pages") is not None and not any(v.check == "shape-mismatch" for v in found):
-        found += _csr_pages_finding(plan, state["pages"])  # the cache this wrapper last ran on
-        state["verified"] = state["pages"]
-    return found
+    state["plan"] = (indptr, indices, last_page_len, page_size, names)
+    pages = state.get("pages")
+    state["verified"] = pages  # checked here against the cache the wrapper last ran on
+    buffer = _smallest(pages) if pages is not None else Buffer("paged_kv_cache", NO_PAGE_BOUND)
+    return found + [CsrPages(indptr, indices, (buffer,), last_page_len, page_size, *names)]
 
 
-def _wrapper_run(call):
+def _wrapper_run(call, names):
     wrapper, kv_cache = call["self"], call["paged_kv_cache"]
     state = _wrapper_state.get(wrapper)
     kv_layout = getattr(wrapper, "_kv_layout", "NHD")
     k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
-    if k is None:
-        return [f.replace(arg="paged_kv_cache") for f in found]
     found = [f.replace(arg="paged_kv_cache") for f in found]
+    if k is None:
+        return found
     if isinstance(kv_cache, torch.Tensor):
         pages = (("paged_kv_cache", int(k.shape[0])),)
     else:
         pages = (("paged_kv_cache[0]", int(k.shape[0])), ("paged_kv_cache[1]", int(v.shape[0])))
-    if state is None or state.get("plan") is None:
-        return found  # planned before the sanitizer started: nothing to check against
-    plan = state["plan"]
-    if plan[3] != page_size:
+    plan = state.get("plan") if state is not None else None
+    if plan is not None and plan[3] != page_size:
         return found + [Violation("shape-mismatch", "paged_kv_cache",
                                   f"plan() was given page_size = {plan[3]}, paged_kv_cache pages ({kv_layout}, "
                                   f"{tuple(k.shape[1:])}) hold {page_size} tokens", value=page_size, bound=plan[3])]
-    state["pages"] = pages
-    if state.get("verified") == pages:
-        return found  # checked at plan() against this cache's page count
+    if state is not None:
+        state["pages"] = pages
+    buffers = [getattr(wrapper, name, None) for name in _WRAPPER_BUFFERS]
+    if all(isinstance(b, torch.Tensor) and b.is_cuda for b in buffers):
+        return found + [CsrPages(buffers[0], buffers[1], (_smallest(pages),), buffers[2], page_size, *names)]
+    if plan is None or state.get("verified") == pages:
+        return found  # planned before the sanitizer started, or checked at plan() against this cache
     state["verified"] = pages
-    return found + _csr_pages_finding(plan, pages)
+    indptr, indices, last_page_len, _, _ = plan
+    return found + [CsrPages(indptr, indices, (_smallest(pages),), last_page_len, page_size, *names,
+                             only=frozenset({"page-out-of-range"}))]
 
 
 _DECODE_PLAN_NAMES = ("indptr", "indices", "last_page_len")
@@ -643,7 +569,7 @@ def batch_decode_wrapper_plan(call):
 @rule(f"{DECODE_WRAPPER}.run", name="flashinfer.BatchDecodeWithPagedKVCacheWrapper.run",
       reads=("self", "paged_kv_cache"))
 def batch_decode_wrapper_run(call):
-    return _wrapper_run(call)
+    return _wrapper_run(call, _DECODE_PLAN_NAMES)
 
 
 @rule(f"{PREFILL_WRAPPER}.plan", name="flashinfer.BatchPrefillWithPagedKVCacheWrapper.plan",
@@ -655,15 +581,17 @@ def batch_prefill_wrapper_plan(call):
 @rule(f"{PREFILL_WRAPPER}.run", name="flashinfer.BatchPrefillWithPagedKVCacheWrapper.run",
       reads=("self", "paged_kv_cache"))
 def batch_prefill_wrapper_run(call):
-    return _wrapper_run(call)
+    return _wrapper_run(call, _PREFILL_PLAN_NAMES)
 
 
 # -- append_paged_kv_cache (flashinfer/page.py; data/include/flashinfer/page.cuh
 # AppendPagedKVCacheKernel): a WRITE. For each appended token i < append_key.size(0):
 # page_iter = indptr[batch_indices[i]] + positions[i] // ps, and K/V are written into page
-# indices[page_iter] (no bound check in the kernel). Only those entries are dereferenced.
+# indices[page_iter] (no bound check in the kernel). Only those entries are dereferenced. No
+# guard value is safe (any page written is some request's), so a guard action only reports.
 _APPEND_READS = ("append_key", "batch_indices", "positions", "paged_kv_cache", "kv_indices", "kv_indptr",
                  "kv_last_page_len", "kv_layout")
+_APPEND_NAMES = ("kv_indptr", "kv_indices", "kv_last_page_len")
 
 
 @rule(APPEND_PAGED_KV, name="flashinfer.append_paged_kv_cache", reads=_APPEND_READS)
@@ -672,59 +600,16 @@ def append_paged_kv_cache(call):
     k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
     if k is None:
         return found
-    names = ("kv_indptr", "kv_indices", "kv_last_page_len")
-    found += [f for f in checks.check_csr_pages(indptr, indices, last_page_len, 2**62, page_size, "paged_kv_cache",
-                                                *names) if f.check != "page-out-of-range"]
-    if any(f.check == "shape-mismatch" for f in found):
-        return found
     nnz = key.shape[0]
+    writes = []
     for tensor, arg in ((batch_idx, "batch_indices"), (positions, "positions")):
         if tensor.dim() != 1 or tensor.shape[0] != nnz:
-            found.append(Violation("shape-mismatch", arg, f"{arg} has shape {tuple(tensor.shape)}, append_key has "
-                                   f"{nnz} tokens", value=tuple(tensor.shape), bound=(nnz,)))
-    if found or nnz == 0:
-        return found
-    batch = last_page_len.shape[0]
-    b = batch_idx.to(torch.int64)
-    p = positions.to(torch.int64)
-    bad_b = (b < 0) | (b >= batch)
-    if bool(bad_b.any()):
-        tokens = bad_b.nonzero().flatten()
-        t = int(tokens[0])
-        found.append(Violation("shape-mismatch", "batch_indices", f"batch_indices[{t}] = {int(b[t])}, the batch has "
-                               f"{batch} requests; the kernel reads kv_indptr[{int(b[t])}]", index=(t,),
-                               value=int(b[t]), bound=batch, count=int(tokens.numel())))
-    bounds = indptr.to(torch.int64)
-    lens = last_page_len.to(torch.int64)
-    safe_b = b.where(~bad_b, 0)
-    n_pages = (bounds[1:] - bounds[:-1])[safe_b]
-    kv_len = ((n_pages - 1) * page_size + lens[safe_b]).clamp(min=0)
-    negative = (p < 0) & ~bad_b
-    beyond = (p >= kv_len) & ~bad_b & ~negative
-    for mask, check, describe in ((negative, "negative-seq-len", "is negative"),
-                                  (beyond, "seq-len-exceeds-table", "is past its request's allocated KV length")):
-        if bool(mask.any()):
-            tokens = mask.nonzero().flatten()
-            t = int(tokens[0])
-            found.append(Violation(check, "positions", f"positions[{t}] = {int(p[t])} {describe} "
-                                   f"({int(kv_len[t])} tokens in request {int(b[t])}): the write lands in "
-                                   "another request's page or past kv_indices", index=(t,), value=int(p[t]),
-                                   bound=int(kv_len[t]), count=int(tokens.numel())))
-    ok = ~(bad_b | negative | beyond)
-    column = p.clamp(min=0) // page_size
-    entry = bounds[safe_b] + column
-    written = indices.reshape(-1)[entry.where(ok, 0)].to(torch.int64) if indices.numel() else entry
-    num_pages = min(int(k.shape[0]), int(v.shape[0]))
-    bad_page = ok & ((written < 0) | (written >= num_pages))
-    if bool(bad_page.any()):
-        buffer = "paged_kv_cache" if k.shape[0] == v.shape[0] else (k_name if k.shape[0] < v.shape[0] else v_name)
-        tokens = bad_page.nonzero().flatten()
-        t = int(tokens[0])
-        index, value = (int(b[t]), int(column[t])), int(written[t])
-        examples = tuple(((int(b[i]), int(column[i])), int(written[i])) for i in tokens[:5].tolist())
-        found.append(Violation("page-out-of-range", "kv_indices",
-                               f"kv_indices[{int(entry[t])}] (row {index[0]}, page {index[1]} of the row) = {value}, "
-                               f"{buffer} has {num_pages} pages (valid 0..{num_pages - 1}); appended token {t} "
-                               "is WRITTEN there", index=index, value=value, bound=num_pages,
-                               count=int(tokens.numel()), examples=examples))
-    return found
+            writes.append(Violation("shape-mismatch", arg, f"{arg} has shape {tuple(tensor.shape)}, append_key has "
+                                    f"{nnz} tokens", value=tuple(tensor.shape), bound=(nnz,)))
+    if writes:  # the list's structure, then why its writes cannot be followed
+        return found + [CsrPages(indptr, indices, (Buffer("paged_kv_cache", NO_PAGE_BOUND),), last_page_len,
+                                 page_size, *_APPEND_NAMES, guard=None)] + writes
+    buffer = Buffer("paged_kv_cache", int(k.shape[0])) if k.shape[0] == v.shape[0] else Buffer(
+        *min(((k_name, int(k.shape[0])), (v_name, int(v.shape[0]))), key=lambda p: p[1]))
+    return found + [CsrPages(indptr, indices, (buffer,), last_page_len, page_size, *_APPEND_NAMES,
+                             writes=Writes(batch_idx, positions, nnz), guard=None)]
