@@ -31,7 +31,12 @@ import torch  # noqa: E402
 
 from gpu_batches import KERNEL, decode, make_batch, make_kv  # noqa: E402
 from tsan_paged import PagedSanitizer, device  # noqa: E402
+from tsan_paged import kernels as K  # noqa: E402
+from tsan_paged.access import PageTable  # noqa: E402
 from tsan_paged.interpose import interposer  # noqa: E402
+from tsan_paged.report import CHECKS  # noqa: E402
+
+ERRS = device.err_mask(lambda check: CHECKS[check])
 
 
 def gpu_loop_us(fn, n=50, repeats=7):
@@ -100,17 +105,51 @@ def graph_of(fn):
     return g
 
 
+def decode_access(b, out):
+    """The rule's description of a decode call (what the device kernel checks)."""
+    from tsan_paged.registry import Call, CheckOptions
+    from tsan_paged.rules import flashinfer as fi_rules
+
+    args = interposer.patched[KERNEL].binder.bind((), dict(b, out=out)) if KERNEL in interposer.patched else None
+    if args is None:
+        import inspect
+
+        import flashinfer.decode
+
+        bound = inspect.signature(flashinfer.decode.trtllm_batch_decode_with_kv_cache).bind(**b, out=out)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+    items = fi_rules.trtllm_batch_decode_with_kv_cache(Call(KERNEL, args, CheckOptions()))
+    return next(item for item in items if isinstance(item, PageTable))
+
+
 def probe_step(batch=64, ctx=4096):
-    """The decode step the probes (gpu_graph_probe.py, gpu_slowdown_probe.py) take apart, checked
-    once under the sanitizer so that the device ring and the call's plan exist:
-    ``(kwargs, out, ring, plan)``."""
+    """The decode step the probes take apart, checked once under the sanitizer so that the device
+    ring exists: ``(kwargs, out, ring, access)`` (``access``: what the check kernel checks)."""
     kv = make_kv(32768, seed=7)
     b = make_batch(batch, ctx, kv, seed=1, min_frac=0.9)
     out = decode(**b)
     with PagedSanitizer(mode="log"):
         decode(**b, out=out)
     ring = next(iter(device._rings.values()))
-    return b, out, ring, next(e.plan for e in ring.entries.values())
+    return b, out, ring, decode_access(b, out)
+
+
+def shaped_plan(access, entries):
+    """The check's plan with ``entries`` table entries per program (the launch-shape knob)."""
+    default = device.PROGRAM_ENTRIES
+    device.PROGRAM_ENTRIES = entries
+    device._PLANS.clear()
+    try:
+        return device.plan_for(access)
+    finally:
+        device.PROGRAM_ENTRIES = default
+        device._PLANS.clear()
+
+
+def launch_check(ring, plan, tensors, slot, action="guard"):
+    """The check kernel alone (sticky record in ``slot``), as the deferred path launches it."""
+    device.launch(ring, plan, tensors, slot, 1, K.ACTION_CODES[action], ERRS)
 
 
 def bench(batch, ctx, kv):
@@ -180,16 +219,13 @@ def bench(batch, ctx, kv):
         row["graph_bare_spread_us"] = max(bare_medians) - min(bare_medians)
         row["graph_trap_added_us"] = median_of(times, "trap") - row["graph_bare_us"]
         # the check kernel alone, in a graph (its GPU time per step)
-        plan = next(e.plan for ring in device._rings.values() for e in ring.entries.values() if e.plan.rows == batch and e.plan.width == table.shape[1])
+        access = decode_access(b, out)
+        plan, tensors = device.plan_for(access), device.launch_tensors(access)
         ring = next(iter(device._rings.values()))
-        g_chk = graph_of(lambda: device.launch(ring, plan, table, b["seq_lens"], 1, 1, 2, 0x7F))
+        g_chk = graph_of(lambda: launch_check(ring, plan, tensors, 1))
         row["check_kernel_graph_us"] = gpu_loop_us(g_chk.replay, n=200)
-        g_chk_slow = graph_of(lambda: device.run_check(plan, table, b["seq_lens"], ring.words[2], sticky=1,
-                                                       action="guard", errs=0x7F, interpret=False))
-        row["check_kernel_graph_us_runcheck"] = gpu_loop_us(g_chk_slow.replay, n=200)
-        g_chk_nt = graph_of(lambda: device.run_check(plan, table, b["seq_lens"], ring.words[3], sticky=1,
-                                                     action="guard", errs=0x7F, interpret=False, trap_enabled=False))
-        row["check_kernel_graph_us_notrap"] = gpu_loop_us(g_chk_nt.replay, n=200)
+        g_chk_trap = graph_of(lambda: launch_check(ring, plan, tensors, 2, action="trap"))
+        row["check_kernel_graph_us_trap"] = gpu_loop_us(g_chk_trap.replay, n=200)
         g_empty = graph_of(lambda: b["seq_lens"].add_(0))
         row["tiny_kernel_graph_us"] = gpu_loop_us(g_empty.replay, n=200)
         # PDL: xqa is launched with programmatic dependent launch; the check kernel signals it (ring.pdl)
@@ -208,13 +244,15 @@ def bench(batch, ctx, kv):
             if k.startswith("san_"):
                 pdl[k.replace("san_", "added_")] = round(pdl[k] - pdl["bare_pdl" + k[7]], 2)
         row["pdl"] = pdl
-        # host time, piece by piece (check only: rule = bind-free rule call; device.check = launch path)
+        # host time, piece by piece (check only: rule = bind-free rule call; engine = rule + launch path)
+        from tsan_paged import engine
         from tsan_paged.registry import Call
         from tsan_paged.rules import flashinfer as fi_rules
         call = Call(KERNEL, args, san.options)
-        row["host_rule_us"] = host_us(lambda: list(fi_rules.trtllm_batch_decode_with_kv_cache(call)), n=200)
-        row["host_device_check_us"] = host_us(lambda: device.check(KERNEL, plan, table, b["seq_lens"]), n=200)
-        row["host_launch_us"] = host_us(lambda: device.launch(ring, plan, table, b["seq_lens"], 1, 1, 2, 0x7F), n=200)
+        row["host_rule_us"] = host_us(lambda: fi_rules.trtllm_batch_decode_with_kv_cache(call), n=200)
+        row["host_engine_us"] = host_us(lambda: engine.execute(fi_rules.trtllm_batch_decode_with_kv_cache(call), call,
+                                                               san.settings, KERNEL, patched.library_dirs), n=200)
+        row["host_launch_us"] = host_us(lambda: launch_check(ring, plan, tensors, 1), n=200)
         if os.environ.get("PROFILE_HOST") and batch == 64 and ctx == 4096:
             import cProfile
             import io
@@ -240,16 +278,12 @@ def bench(batch, ctx, kv):
     # the sanitizer, which would check the decode call too.
     shapes = {"bare0": g_bare, "bare1": replays["bare1"]}
     for entries in (512, 1024, 2048, 4096, 8192):
-        for warps in (4,):
-            p2 = device.make_plan(plan.rows, plan.width, plan.views, plan.page_size, plan.max_len, plan.region,
-                                  plan.window_left, plan.q_len, plan.len_unsigned, entries=entries,
-                                  num_warps=warps, guard_value=plan.guard_value, tile=plan.tile)
+        p2 = shaped_plan(access, entries)
 
-            def check_then_decode(p2=p2):
-                device.run_check(p2, table, b["seq_lens"], ring.words[4], sticky=1, action="guard",
-                                 errs=0x7F, interpret=False)
-                decode(**b, out=out)
-            shapes[f"{entries}/{warps}/grid{p2.grid}"] = graph_of(check_then_decode)
+        def check_then_decode(p2=p2):
+            launch_check(ring, p2, tensors, 4)
+            decode(**b, out=out)
+        shapes[f"{entries}/grid{p2.grid}"] = graph_of(check_then_decode)
     times = interleaved_us(shapes, passes=2)
     bare_us = median_of(times, "bare")
     row["check_kernel_sweep_us"] = {name: round(statistics.median(ts) - bare_us, 2) for name, ts in times.items()
@@ -291,20 +325,20 @@ def main():
               f"({r['host_check_only_us']:.1f}) | {r['host_syncs']} |")
     print("added to a graph replay with the trap action (abort mode), us:",
           {f"{r['batch']}x{r['ctx']}": round(r["graph_trap_added_us"], 2) for r in rows})
-    print("check kernel alone in a graph, us: fast launch / run_check / without trap code / a 1-elem torch op")
+    print("check kernel alone in a graph, us: guard action / trap action (trap code compiled in) / a 1-elem torch op")
     for r in rows:
-        print(r["batch"], r["ctx"], round(r["check_kernel_graph_us"], 2), round(r["check_kernel_graph_us_runcheck"], 2),
-              round(r["check_kernel_graph_us_notrap"], 2), round(r["tiny_kernel_graph_us"], 2))
-    print("launch shapes (entries per program/warps/grid: us added to a graph replay of the decode):")
+        print(r["batch"], r["ctx"], round(r["check_kernel_graph_us"], 2), round(r["check_kernel_graph_us_trap"], 2),
+              round(r["tiny_kernel_graph_us"], 2))
+    print("launch shapes (entries per program/grid: us added to a graph replay of the decode):")
     for r in rows:
         print(r["batch"], r["ctx"], r["check_kernel_sweep_us"])
     print("PDL (graph replay us; added = san - bare at the same enable_pdl):")
     for r in rows:
         print(r["batch"], r["ctx"], r["pdl"])
-    print("host us: whole check (_check_and_act) / rule / device.check / launch")
+    print("host us: whole check (_check_and_act) / rule / rule + engine / launch")
     for r in rows:
         print(r["batch"], r["ctx"], round(r["host_check_only_us"], 1), round(r["host_rule_us"], 1),
-              round(r["host_device_check_us"], 1), round(r["host_launch_us"], 1))
+              round(r["host_engine_us"], 1), round(r["host_launch_us"], 1))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ three passes (GPU us per replay, and minus the fastest bare graph):
 - ``tiny#i``: a 1-element torch op, then the decode (what any kernel in front costs);
 - ``read<B>#i``: the floor for a check: a Triton kernel whose programs each load B table entries and
   lengths and fold them into one word with ``atomic_max`` (no checks, no record), then the decode;
-- ``e<N>``: ``run_check`` with a plan of N entries per program, then the decode.
+- ``e<N>``: the check kernel with a plan of N entries per program, then the decode.
 
     python benchmarks/gpu_capture_variance.py [--config 64x4096]    # STEPS=variance of gpu_run.sh
 """
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from gpu_batches import decode  # noqa: E402
-from gpu_bench import gpu_loop_us, graph_of, probe_step  # noqa: E402
+from gpu_bench import gpu_loop_us, graph_of, launch_check, probe_step, shaped_plan  # noqa: E402
 from tsan_paged import PagedSanitizer, device  # noqa: E402
 
 
@@ -39,20 +39,15 @@ def read_all(table_ptr, lens_ptr, out_ptr, N, R, BLOCK: tl.constexpr):
 parser = argparse.ArgumentParser()
 parser.add_argument("--config", default="64x4096")
 batch, ctx = map(int, parser.parse_args().config.split("x"))
-b, out, ring, plan = probe_step(batch, ctx)
+b, out, ring, access = probe_step(batch, ctx)
 table, lens = b["block_tables"], b["seq_lens"]
-print(f"{batch} x {ctx}: table {tuple(table.shape)}, plan grid {plan.grid}", flush=True)
-
-
-def shaped(entries):
-    return device.make_plan(plan.rows, plan.width, plan.views, plan.page_size, plan.max_len, plan.region,
-                            plan.window_left, plan.q_len, plan.len_unsigned, entries=entries,
-                            guard_value=plan.guard_value, tile=plan.tile)
+tensors = device.launch_tensors(access)
+print(f"{batch} x {ctx}: table {tuple(table.shape)}, plan grid {device.plan_for(access).grid}", flush=True)
 
 
 def check_then_decode(p, slot):
     def step():
-        device.run_check(p, table, lens, ring.words[slot], sticky=1, action="guard", errs=0x7F, interpret=False)
+        launch_check(ring, p, tensors, slot)
         decode(**b, out=out)
     return step
 
@@ -79,7 +74,7 @@ for i in range(2):
     for block in (1024, 4096):
         graphs[f"read{block}#{i}"] = graph_of(read_then_decode(block, 100 + block // 1024))
 for entries in (1024, 2048, 8192):
-    p = shaped(entries)
+    p = shaped_plan(access, entries)
     graphs[f"e{entries} grid{p.grid}"] = graph_of(check_then_decode(p, 4))
 
 n = 20 if ctx * batch <= 64 * 4096 else 5

@@ -23,17 +23,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "gpu")
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from gpu_batches import KERNEL, decode  # noqa: E402
-from gpu_bench import host_us, probe_step  # noqa: E402
+from gpu_bench import host_us, launch_check, probe_step  # noqa: E402
 from tsan_paged import PagedSanitizer, device  # noqa: E402
 from tsan_paged import sanitizer as sanitizer_mod  # noqa: E402
 from tsan_paged.interpose import interposer  # noqa: E402
 
-b, out, ring, plan = probe_step()
+b, out, ring, access = probe_step()
 table, lens = b["block_tables"], b["seq_lens"]
+plan, tensors = device.plan_for(access), device.launch_tensors(access)
 
 
 def launch():
-    device.launch(ring, plan, table, lens, 7, 1, 2, 0x7F)
+    launch_check(ring, plan, tensors, 7)
 
 
 def bare():

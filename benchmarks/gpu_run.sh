@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Everything issue 7 measures on the lent H100, in one command (from the repo root):
+# Everything measured on the lent GPU (H200, kind nvidia-h200), in one command (from the repo root):
 #   ../shared/gpu/fetch-wheels.sh .device-wheels      # here, once: FlashInfer + tvm-ffi wheels
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".device-wheels"])
-# Logs go to $OUT (or ./gpu_out). Steps: install, then STEPS (default tests,bench,memcheck; also probe:
-# benchmarks/gpu_slowdown_probe.py and gpu_graph_probe.py; variance: gpu_capture_variance.py; host:
-# gpu_host_probe.py) in the order probe, variance, host, tests, bench, memcheck.
+#   python3 -m pip download --no-deps -d .device-wheels loguru==0.7.3
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".device-wheels"], kind="nvidia-h200")
+# Logs go to $OUT (or ./gpu_out). Steps: install, then STEPS (default tests,bench,rules) in the order
+# variance, host, tests, bench, rules, memcheck:
+#   tests     tests/gpu (test_gpu_decode.py, test_gpu_graphs.py; TESTS= narrows them, pytest -k syntax)
+#   bench     benchmarks/gpu_bench.py (the decode rule: eager, sync, graph, host; CONFIGS=64x4096,...)
+#   rules     benchmarks/gpu_rules_bench.py (every rule's host and in-graph cost)
+#   variance  benchmarks/gpu_capture_variance.py (the in-graph cost against its floor)
+#   host      benchmarks/gpu_host_probe.py (where an eager call's host time goes)
+#   memcheck  compute-sanitizer on the seed's case (benchmarks/gpu_memcheck.py)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-tests,bench,memcheck}
+STEPS=${STEPS:-tests,bench,rules}
 SITE=$(mktemp -d); export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fi_ws}
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .device-wheels/*.whl
 export PYTHONPATH=$SITE:$PWD FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONUNBUFFERED=1 FLASHINFER_NO_DOWNLOAD=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
 python3 -c "import loguru" 2>/dev/null || echo "loguru missing" | tee -a "$OUT/env.txt"
-if [[ $STEPS == *probe* ]]; then
-  python3 benchmarks/gpu_slowdown_probe.py 2>&1 | grep -vi warn | tee "$OUT/gpu_slowdown_probe.log" | tail -8
-  python3 benchmarks/gpu_graph_probe.py 2>&1 | tee "$OUT/gpu_graph_probe.log" | grep -v Warning | tail -40
-fi
 if [[ $STEPS == *variance* ]]; then
   for config in ${VARIANCE_CONFIGS:-64x4096}; do
     python3 benchmarks/gpu_capture_variance.py --config $config 2>&1 | grep -vi warn | tee -a "$OUT/gpu_capture_variance.log" | tail -30
@@ -27,10 +29,13 @@ if [[ $STEPS == *host* ]]; then
   python3 benchmarks/gpu_host_probe.py 2>&1 | grep -vi warn | tee "$OUT/gpu_host_probe.log" | tail -12
 fi
 if [[ $STEPS == *tests* ]]; then
-  python3 -m pytest tests/gpu -q -rA -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "^\s+[0-9]+ x " | tail -60
+  python3 -m pytest tests/gpu -q -rA -p no:cacheprovider ${TESTS:+-k "$TESTS"} 2>&1 | tee "$OUT/gpu_tests.log" | grep -vE "^\s+[0-9]+ x " | tail -60
 fi
 if [[ $STEPS == *bench* ]]; then
-  PROFILE_HOST=1 python3 benchmarks/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" | grep -vE "^\s+[0-9]+ x |^\{" | tail -50
+  PROFILE_HOST=1 python3 benchmarks/gpu_bench.py --out "$OUT" ${CONFIGS:+--configs $CONFIGS} 2>&1 | tee "$OUT/gpu_bench.log" | grep -vE "^\s+[0-9]+ x |^\{|^profile| {3,}[0-9]" | tail -50
+fi
+if [[ $STEPS == *rules* ]]; then
+  python3 benchmarks/gpu_rules_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_rules_bench.log" | grep -vE "^\s+[0-9]+ x |^\{" | tail -20
 fi
 if [[ $STEPS == *memcheck* ]]; then
   { echo "== plain"; /usr/bin/time -f "wall %e s" python3 benchmarks/gpu_memcheck.py seed

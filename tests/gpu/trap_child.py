@@ -1,6 +1,7 @@
 """Child process: capture a decode step with device_action="trap", plant a fault, replay.
 
-Prints VALID-REPLAYS-OK, the expected record (check= row= col= value= bound=), then
+Prints VALID-REPLAYS-OK, the expected record (check= position= value= bound=; position is
+row * W + col for a table entry, the row for a length), then
 CONTEXT-DEAD once the trap has killed the CUDA context. The device prints the trap line.
 """
 
@@ -32,8 +33,8 @@ with PagedSanitizer(mode="log", device_action="trap"):
     print("VALID-REPLAYS-OK", flush=True)
     check, index, value, bound = plant(b, fault)
     code = {"page-out-of-range": 0 if fault != "v_side" else 1, "seq-len-exceeds-max": 5}[check]
-    col = index[1] if len(index) > 1 else -1
-    print(f"check={code} row={index[0]} col={col} value={value} bound={bound}", flush=True)
+    position = index[0] * b["block_tables"].shape[1] + index[1] if len(index) > 1 else index[0]
+    print(f"check={code} position={position} value={value} bound={bound}", flush=True)
     graph.replay()
     try:
         torch.cuda.synchronize()

@@ -1,0 +1,194 @@
+"""Every rule inside CUDA graphs (issue 11): capture under log, raise and abort, replay, plant, replay.
+
+For each case of ``gpu_cases`` (a built-in rule through its library's real entry point, or its
+stand-in where the library does not install; a TOML rule and a Python rule on a CUDA op):
+
+- an eager warm-up call, then the call captured in a CUDA graph under the sanitizer: the
+  capture is not broken, and capture and replays make no host sync (sync debug mode "error");
+- valid replays give no report;
+- a fault planted into the captured tensors after capture is reported after the next replay,
+  at its index, with the capture site as caller (log), raised by ``flush()`` (raise), or ends the
+  process with status 86 (abort, in a child process);
+- a check that cannot run on the device while capturing (a user rule that syncs, duplicate-page)
+  is skipped with one ``rule-skipped-in-capture`` warning, and the capture survives.
+
+Skips without a CUDA sm90 GPU; run on the lent H200 with ``benchmarks/gpu_run.sh``.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpu_batches import cuda_ready
+
+REASON = cuda_ready()
+pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON or "ok")
+
+if not REASON:
+    from gpu_cases import CASES
+    from tsan_paged import PagedSanitizer, PageTableViolation
+else:
+    CASES = {}
+
+NAMES = ["trtllm_decode", "xqa_decode", "xqa_raw", "decode_wrapper", "append_kv", "toml_rule_op", "python_rule_op",
+         "vllm_paged_attention", "vllm_reshape_and_cache", "flash_attn"]
+CHILD = os.path.join(os.path.dirname(__file__), "graph_child.py")
+
+
+def sanitizer(case, **kwargs):
+    return PagedSanitizer(config=case.config, registry=case.registry, **kwargs)
+
+
+def capture(fn):
+    """Warm up on a side stream (as torch.cuda.graphs' make_graphed_callables does), then capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()  # CAPTURE-SITE
+    return graph
+
+
+CAPTURE_LINE = next(i + 1 for i, line in enumerate(open(__file__)) if line.rstrip().endswith("# CAPTURE-SITE"))
+
+
+def no_sync(fn):
+    """Run ``fn`` with synchronizing CUDA operations refused (they raise)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def errors(san):
+    return [v for v in san.reports if v.severity == "error"]
+
+
+def found(violations):
+    return [(v.check, v.index, v.value, v.bound) for v in violations]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_log_mode_graph_replays_are_checked(name):
+    case = CASES[name]()
+    with sanitizer(case, mode="log") as san:
+        case.call()  # eager: compiles the kernels, makes the device ring
+        torch.cuda.synchronize()
+        san.flush()
+        assert san.reports == []
+        graph = no_sync(lambda: capture(case.call))
+        no_sync(lambda: [graph.replay() for _ in range(3)])
+        torch.cuda.synchronize()
+        san.flush()
+        assert san.reports == []
+        expected = case.plant()
+        no_sync(graph.replay)
+        torch.cuda.synchronize()
+        san.flush()
+    [first] = [v for v in errors(san) if (v.check, v.index) == expected[:2]] or [None]
+    assert first is not None, (expected, found(san.reports))
+    assert found([first]) == [expected]
+    assert first.caller.endswith(f"test_gpu_graphs.py:{CAPTURE_LINE} in capture"), first.caller
+    assert "[device record, capture site; reported deferred]" in first.message
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_raise_mode_eager_raises_and_graph_replays_raise_at_flush(name):
+    case = CASES[name]()
+    with sanitizer(case, mode="raise") as san:
+        case.call()  # eager: the sync path (one sync), no finding
+        torch.cuda.synchronize()
+        graph = no_sync(lambda: capture(case.call))
+        no_sync(graph.replay)
+        torch.cuda.synchronize()
+        san.flush()
+        expected = case.plant()
+        no_sync(graph.replay)
+        torch.cuda.synchronize()
+        with pytest.raises(PageTableViolation) as info:
+            san.flush()
+        assert expected in found(info.value.violations)
+        expected = case.plant()  # again: the graph's guard action rewrote it
+        with pytest.raises(PageTableViolation) as eager:  # and eagerly, before the kernel
+            case.call()
+        assert expected[:2] in [f[:2] for f in found(eager.value.violations)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_abort_mode_graph_replay_ends_the_process(name):
+    proc = subprocess.run([sys.executable, CHILD, name, "guard"], capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert "VALID-REPLAYS-OK" in proc.stdout, text[-4000:]
+    assert proc.returncode == 86, text[-4000:]
+    expected = next(line.split("=", 1)[1] for line in proc.stdout.splitlines() if line.startswith("EXPECTED="))
+    check, index, value = expected.split("|")[:3]
+    assert "aborting (mode=abort, exit status 86)" in proc.stderr and check in proc.stderr, text[-4000:]
+    assert f"= {value}, " in proc.stderr, text[-4000:]
+    assert "NOT-ABORTED" not in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["decode_wrapper", "vllm_reshape_and_cache"])
+def test_trap_in_the_flat_kernel(name):
+    """The CSR and slot-mapping checks (the flat kernel) with device_action="trap": the device
+    prints the finding and stops before the kernel reads the bad entry."""
+    proc = subprocess.run([sys.executable, CHILD, name, "trap"], capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert "VALID-REPLAYS-OK" in proc.stdout, text[-4000:]
+    assert "tsan_paged trap:" in text and "CONTEXT-DEAD" in proc.stdout, text[-4000:]
+
+
+def test_a_user_rule_that_syncs_is_skipped_in_capture_not_the_capture():
+    from tsan_paged import checks
+    from tsan_paged.registry import Registry, rule
+
+    case = CASES["toml_rule_op"]()
+    registry = Registry()
+
+    @rule("tsan_gpu::paged_gather", reads=("kv_pages", "block_table"), registry=registry)
+    def reads_on_the_host(call):  # .item(): a sync, refused while capturing
+        table, pages = call["block_table"], call["kv_pages"].shape[0]
+        if int(table.max()) >= pages:
+            return checks.check_pages_in_range(table.cpu(), "block_table", pages, "kv_pages", lambda: (None, None))
+        return []
+
+    with PagedSanitizer(mode="log", registry=registry) as san:
+        case.call()
+        graph = capture(case.call)  # not broken
+        graph = capture(case.call)  # a second capture: still one warning for the call site
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        expected = case.plant()
+        case.call()  # eagerly, the rule runs (and syncs)
+        san.flush()
+    skipped = [v for v in san.reports if v.check == "rule-skipped-in-capture"]
+    assert len(skipped) == 1 and "reads_on_the_host" in skipped[0].message, san.reports
+    assert "synchron" in skipped[0].message
+    assert expected[:2] in [(v.check, v.index) for v in errors(san)]
+
+
+def test_duplicate_page_is_skipped_in_capture_and_the_page_checks_run():
+    case = CASES["trtllm_decode"]()
+    with PagedSanitizer(mode="log", config={"checks": {"duplicate-page": "warning"}}) as san:
+        case.call()
+        torch.cuda.synchronize()
+        san.flush()
+        before = [v for v in san.reports if v.check != "duplicate-page"]
+        graph = capture(case.call)
+        graph.replay()
+        expected = case.plant()
+        graph.replay()
+        torch.cuda.synchronize()
+        san.flush()
+    assert before == []
+    skipped = [v for v in san.reports if v.check == "rule-skipped-in-capture"]
+    assert len(skipped) == 1 and "duplicate-page" in skipped[0].message
+    assert expected in found(errors(san))
