@@ -74,6 +74,7 @@ class PageTable:
     length_index_of: Optional[Callable] = None  # row -> the index of a length finding
     guard: Optional[int] = 0
     only: Optional[frozenset] = None  # check ids to keep (a TOML rule's ``checks``)
+    form: Optional[tuple] = None  # a key the rule guarantees fixes everything but the tensors' values
 
     @property
     def rows(self) -> int:

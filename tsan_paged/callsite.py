@@ -13,8 +13,8 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # The catchers, the rules and what they call; not demo.py or cli.py, which are real callers.
 INSIDE = tuple(os.path.join(_HERE, name) for name in (
-    "sanitizer.py", "interpose.py", "dispatch.py", "device.py", "checks.py", "declarative.py", "tracking.py",
-    "registry.py")) + (os.path.join(_HERE, "rules") + os.sep,)
+    "sanitizer.py", "interpose.py", "dispatch.py", "engine.py", "access.py", "device.py", "kernels.py", "checks.py",
+    "declarative.py", "tracking.py", "registry.py")) + (os.path.join(_HERE, "rules") + os.sep,)
 STACK_LIMIT = 12
 
 # (id(code), library dirs) -> (code, inside). Keyed by id: hashing a code object hashes its

@@ -184,7 +184,11 @@ def _dense_launch(rows: int, width: int, row_stride: int, itemsize: int, entries
 
 def _page_table_plan(a: PageTable) -> Plan:
     table, lengths = a.table, a.lengths
-    key = ("table", tuple(table.shape), table.dtype, a.arg, a.buffers, a.page_size,
+    if a.form is not None:  # the rule's own key for everything but the values (cheaper to hash)
+        plan = _PLANS.get(a.form)
+        if plan is not None:
+            return plan
+    key = a.form if a.form is not None else ("table", tuple(table.shape), table.dtype, a.arg, a.buffers, a.page_size,
            None if lengths is None else (tuple(lengths.shape), lengths.dtype), a.lengths_arg, a.length_offset,
            a.max_len, a.max_len_arg, a.whole_row, a.window_left, a.q_len, a.tile, a.explicit_region,
            None if a.first is None else a.first.dtype, None if a.end is None else a.end.dtype, a.kv_split,
@@ -303,7 +307,8 @@ def _launch_tensors(access) -> tuple:
     if isinstance(access, PageTable):
         lengths = access.lengths
         if lengths is not None:
-            lengths = lengths.reshape(-1)
+            if lengths.dim() != 1:
+                lengths = lengths.reshape(-1)
             if lengths.dtype == torch.uint32:  # same bits, read as unsigned
                 lengths = lengths.view(torch.int32)
         table = access.table
@@ -547,7 +552,7 @@ def launch(ring: Ring, plan: Plan, tensors: tuple, slot: int, sticky: int, actio
     # kernels are smaller and print nothing.
     trap = action == K.ACTION_TRAP
     tail = plan.tail(sticky, action, errs, align, trap, ring.pdl)
-    key = (plan.kind, tuple(t.dtype for t in tensors), plan.block, align, aligned, ring.pdl, trap, plan.num_warps)
+    key = (plan, aligned, ring.pdl, trap)  # a plan fixes its tensors' dtypes and its constexprs
     compiled = ring.launchers.get(key)
     if compiled is not None:
         compiled.run(plan.grid, 1, 1, ring.stream_of(ring.index), compiled.function, compiled.packed_metadata,
@@ -590,7 +595,9 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
     if action_name == "auto":
         action_name = "trap" if mode == "abort" else "guard"
     if action_name == "guard" and plan.guard is None:
-        action_name = "trap" if mode == "abort" else "none"  # no value this kernel reads harmlessly
+        # No value the kernel reads (or writes through) harmlessly: in raise and abort mode stop on
+        # the device, the nearest to "the kernel is not called"; in log mode report only.
+        action_name = "none" if mode == "log" else "trap"
     action = K.ACTION_CODES[action_name]
     frame = caller_frame(library_dirs)
     # The sink's serial, not id(): a later sanitizer at a freed one's address must not inherit its
@@ -600,7 +607,7 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
     code = frame.f_code if frame is not None else None
     sink = settings.sink
     key = (id(code), frame.f_lineno if frame is not None else 0, id(plan), op,
-           sink.serial if sink is not None else 0)
+           sink.serial if sink is not None else 0, capturing)  # a captured call has its own record
     entry = ring.entries.get(key)
     if entry is None:
         entry = _new_entry(ring, key, plan, op, describe(frame), sink, capturing, code)

@@ -163,9 +163,9 @@ if triton is not None:
         zero = pid.to(tl.int64) * 0
         claim = tl.atomic_cas(slot_ptr + _K_TRAP_CLAIM, zero, zero + 1)
         tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [pid], dtype=tl.int32, is_pure=True, pack=1)
-        if (claim == 0) & (tid == 0):
+        if (claim == 0) & (tid == 0):  # one thread prints, then stops the device (the others finish)
             tl.device_print("tsan_paged trap: check position value bound", which, position, value, bound)
-        tl.inline_asm_elementwise("trap;", "=r,r", [pid], dtype=tl.int32, is_pure=False, pack=1)
+            tl.inline_asm_elementwise("trap;", "=r,r", [pid], dtype=tl.int32, is_pure=False, pack=1)
 
     def _dense_kernel_src(table_ptr, lengths_ptr, first_ptr, end_ptr, slot_ptr,
                           R, W, ROW_STRIDE, VIEW1_OFF, NVIEWS, P0, P1, PMIN, PAGE_SIZE, CAP, MAXLEN, REGION,

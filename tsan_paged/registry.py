@@ -68,11 +68,10 @@ class Rule:
     reads: tuple = ()
     name: str = ""
     source: str = "python"
+    builtin: bool = field(init=False)  # a rule of tsan_paged.rules (its library may just not be in use)
 
-    @property
-    def builtin(self) -> bool:
-        """A rule of ``tsan_paged.rules`` (its library may just not be in use)."""
-        return self.source == "tsan_paged.rules" or self.source.startswith("tsan_paged.rules.")
+    def __post_init__(self):
+        self.builtin = self.source == "tsan_paged.rules" or self.source.startswith("tsan_paged.rules.")
 
 
 @dataclass

@@ -39,6 +39,7 @@ class Case:
     config: Optional[dict] = None  # PagedSanitizer(config=...) for the case (a TOML rule)
     registry: object = None  # PagedSanitizer(registry=...) (a Python rule)
     state: dict = field(default_factory=dict)
+    guarded: bool = True  # a guard value is safe: a fault planted into a graph is rewritten before the kernel
 
 
 def _kv(pages, dev, dtype=torch.bfloat16, layout="HND", seed=0):
@@ -110,11 +111,9 @@ def xqa_decode(dev="cuda") -> Case:
 
 
 def xqa_raw(dev="cuda") -> Case:
-    xqa = sys.modules["flashinfer.xqa"].xqa if "flashinfer.xqa" in sys.modules else None
-    if xqa is None:
-        import flashinfer.decode  # noqa: F401  (imports flashinfer.xqa)
+    import flashinfer.decode  # noqa: F401  (imports flashinfer.xqa)
 
-        xqa = sys.modules["flashinfer.xqa"].xqa
+    module = sys.modules["flashinfer.xqa"]  # looked up at call time, as FlashInfer's own caller does
     pages = 4000
     k, v = _kv(pages, dev, seed=2)
     table, lens, query, width = _decode_batch(dev, pages=pages, seed=2)
@@ -129,7 +128,7 @@ def xqa_raw(dev="cuda") -> Case:
         table[6, 2] = pages + 3
         return ("page-out-of-range", (6, 2), pages + 3, pages)
 
-    return Case("flashinfer.xqa.xqa", lambda: xqa(**args), plant, state=args)
+    return Case("flashinfer.xqa.xqa", lambda: module.xqa(**args), plant, state=args)
 
 
 def decode_wrapper(dev="cuda") -> Case:
@@ -190,7 +189,7 @@ def append_kv(dev="cuda") -> Case:
         return ("page-out-of-range", (0, col), pages + 1, pages)
 
     return Case("flashinfer.page.append_paged_kv_cache", lambda: flashinfer.page.append_paged_kv_cache(**args),
-                plant, state=args)
+                plant, state=args, guarded=False)
 
 
 # -- a TOML rule and a Python rule on a torch.library op with a CUDA kernel -----------------------

@@ -210,6 +210,8 @@ def trtllm_batch_decode_with_kv_cache(call):
                          tile=_xqa_tile(k, query.shape[-1], q, capability))
     elif not sparse:
         described.update(whole_row=True)  # trtllm-gen: the whole row counts as read
+    if form is not None:
+        described["form"] = ("trtllm_batch_decode_with_kv_cache",) + form
     access = PageTable(table, lengths=lengths.reshape(-1) if sparse else lengths, **described)
     found.append(access)
     if call.wants("duplicate-page"):
