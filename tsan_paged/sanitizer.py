@@ -38,6 +38,7 @@ active sanitizer. Rules registered while a sanitizer is active apply from its ne
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import sys
@@ -316,6 +317,20 @@ class PagedSanitizer(contextlib.ContextDecorator):
         return _call_checked(call_original)
 
     def _check_and_act(self, target: str, rules, arguments: dict, library_dirs: tuple) -> None:
+        # While a CUDA graph is being captured, Python's cyclic GC is paused for the check: a
+        # collection our allocations set off could destroy a dead CUDAGraph, which is not
+        # permitted during capture and would break the user's capture (SGLang's graph runner
+        # freezes the GC around capture for the same reason).
+        paused = gc.isenabled() and engine.capturing()
+        if paused:
+            gc.disable()
+        try:
+            self._check_and_act_now(target, rules, arguments, library_dirs)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _check_and_act_now(self, target: str, rules, arguments: dict, library_dirs: tuple) -> None:
         violations = self._run_rules(target, rules, arguments, library_dirs)
         if not violations:
             return

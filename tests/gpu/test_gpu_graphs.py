@@ -15,6 +15,7 @@ stand-in where the library does not install; a TOML rule and a Python rule on a 
 Skips without a CUDA sm90 GPU; run on the lent H200 with ``benchmarks/gpu_run.sh``.
 """
 
+import gc
 import os
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def capture(fn):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
+    gc.collect()  # earlier tests' dead graphs: destroying one during the capture would break it
     graph = torch.cuda.CUDAGraph()
     torch.cuda.set_sync_debug_mode("error")
     try:
