@@ -175,7 +175,7 @@ def test_a_user_rule_that_syncs_is_skipped_in_capture_not_the_capture():
             return checks.check_pages_in_range(table.cpu(), "block_table", pages, "kv_pages", lambda: (None, None))
         return []
 
-    with PagedSanitizer(mode="log", registry=registry) as san:
+    with PagedSanitizer(mode="raise", registry=registry) as san:
         case.call()
         graph = capture(case.call)  # not broken
         graph = capture(case.call)  # a second capture: still one warning for the call site
@@ -183,12 +183,12 @@ def test_a_user_rule_that_syncs_is_skipped_in_capture_not_the_capture():
             graph.replay()
         torch.cuda.synchronize()
         expected = case.plant()
-        case.call()  # eagerly, the rule runs (and syncs)
-        san.flush()
+        with pytest.raises(PageTableViolation) as info:  # eagerly, the rule runs (and syncs)
+            case.call()
     skipped = [v for v in san.reports if v.check == "rule-skipped-in-capture"]
     assert len(skipped) == 1 and "reads_on_the_host" in skipped[0].message, san.reports
     assert "synchron" in skipped[0].message
-    assert expected[:2] in [(v.check, v.index) for v in errors(san)]
+    assert expected[:2] in [(v.check, v.index) for v in info.value.violations]
 
 
 def test_duplicate_page_is_skipped_in_capture_and_the_page_checks_run():
