@@ -418,3 +418,40 @@ def flash_attn(dev="cuda") -> Case:
 
 CASES = {f.__name__: f for f in (trtllm_decode, xqa_decode, xqa_raw, decode_wrapper, append_kv, toml_rule_op,
                                  python_rule_op, vllm_paged_attention, vllm_reshape_and_cache, flash_attn)}
+
+
+# -- rules whose kernels do not run on sm90 (trtllm-gen, sm100/sm120): their checks alone --------
+
+def unrunnable_calls(dev="cuda") -> dict:
+    """``{target: (kwargs, plant)}``: calls of FlashInfer entry points whose kernels need
+    trtllm-gen (sm100) or sm120, built with FlashInfer's shapes. The sanitizer's check of such a
+    call (rule + device kernel) is what these exercise; the call itself is never made here."""
+    pages, batch, width = 600, 4, 10
+    g = torch.Generator(device=dev).manual_seed(11)
+    table = torch.randint(0, pages, (batch, width), generator=g, device=dev, dtype=torch.int32)
+    lens = torch.tensor([200, 640, 64, 390], dtype=torch.int32, device=dev)
+    ws = workspace(dev)
+
+    def plant_live():  # row 1 reads all 10 pages
+        table[1, 9] = pages
+        return ("page-out-of-range", (1, 9), pages, pages)
+
+    k, v = (torch.zeros(pages, KV_HEADS, PAGE, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    context = dict(query=torch.zeros(int(lens.sum()), QO_HEADS, 64, device=dev, dtype=torch.bfloat16), kv_cache=(k, v),
+                   workspace_buffer=ws, block_tables=table, seq_lens=lens, max_q_len=640, max_kv_len=640,
+                   bmm1_scale=1.0, bmm2_scale=1.0, batch_size=batch,
+                   cum_seq_lens_q=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
+                   cum_seq_lens_kv=torch.zeros(batch + 1, dtype=torch.int32, device=dev))
+    mla_cache = torch.zeros(pages, 1, PAGE, 576, device=dev, dtype=torch.bfloat16)
+    mla = dict(query=torch.zeros(batch, 1, 16, 576, device=dev, dtype=torch.bfloat16), kv_cache=mla_cache,
+               workspace_buffer=ws, qk_nope_head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64, block_tables=table,
+               seq_lens=lens, max_seq_len=width * PAGE)
+    raw_cache = torch.zeros(pages, PAGE, 1, 576, device=dev, dtype=torch.float8_e4m3fn)
+    xqa_mla = dict(q=torch.zeros(batch, 1, 16, 576, device=dev, dtype=torch.float8_e4m3fn), k_cache=raw_cache,
+                   v_cache=raw_cache, page_table=table, seq_lens=lens.unsqueeze(1),
+                   output=torch.zeros(batch, 1, 16, 512, device=dev, dtype=torch.bfloat16),
+                   workspace_buffer=ws[8 * 1024 * 1024:], semaphores=ws[:8 * 1024 * 1024], page_size=PAGE)
+    return {"flashinfer.prefill:trtllm_batch_context_with_kv_cache": (context, plant_live),
+            "flashinfer.mla._core:trtllm_batch_decode_with_kv_cache_mla": (mla, plant_live),
+            "flashinfer.mla._core:xqa_batch_decode_with_kv_cache_mla": (dict(mla), plant_live),
+            "flashinfer.xqa:xqa_mla": (xqa_mla, plant_live)}

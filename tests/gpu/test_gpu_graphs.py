@@ -208,3 +208,39 @@ def test_duplicate_page_is_skipped_in_capture_and_the_page_checks_run():
     skipped = [v for v in san.reports if v.check == "rule-skipped-in-capture"]
     assert len(skipped) == 1 and "duplicate-page" in skipped[0].message
     assert expected in found(errors(san))
+
+
+UNRUNNABLE = ["flashinfer.prefill:trtllm_batch_context_with_kv_cache",
+              "flashinfer.mla._core:trtllm_batch_decode_with_kv_cache_mla",
+              "flashinfer.mla._core:xqa_batch_decode_with_kv_cache_mla", "flashinfer.xqa:xqa_mla"]
+
+
+@pytest.mark.parametrize("target", UNRUNNABLE)
+def test_rules_of_kernels_that_do_not_run_on_sm90_check_in_graphs(target):
+    """FlashInfer's trtllm context and MLA decode kernels need sm100 / sm120: their rules' checks
+    (what the sanitizer adds in front of the kernel) are captured and replayed without them."""
+    import flashinfer.mla  # noqa: F401
+    import flashinfer.prefill  # noqa: F401
+    from gpu_cases import unrunnable_calls
+    from tsan_paged.interpose import interposer
+
+    kwargs, plant = unrunnable_calls()[target]
+    with PagedSanitizer(mode="log") as san:
+        patched = interposer.patched[target]
+        arguments = patched.binder.bind((), kwargs)
+
+        def check():
+            san._check_and_act(target, san._rules[target], arguments, patched.library_dirs)
+
+        check()
+        torch.cuda.synchronize()
+        graph = capture(check)
+        no_sync(lambda: [graph.replay() for _ in range(3)])
+        torch.cuda.synchronize()
+        san.flush()
+        assert san.reports == []
+        expected = plant()
+        no_sync(graph.replay)
+        torch.cuda.synchronize()
+        san.flush()
+    assert expected in found(errors(san)), found(san.reports)
