@@ -50,7 +50,7 @@ class Buffer:
     pages: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PageTable:
     table: torch.Tensor
     arg: str

@@ -368,9 +368,9 @@ def page_table_findings(access: PageTable) -> list:
     width, page_size = access.width, access.page_size
     lengths = None
     if access.lengths is not None:
-        lengths = access.lengths.reshape(-1).to(torch.int64)  # uint32: few CPU ops take it
-        if access.length_offset:
-            lengths = lengths + access.length_offset
+        lengths = access.lengths if access.lengths.dim() == 1 else access.lengths.reshape(-1)
+        if lengths.dtype == torch.uint32 or access.length_offset:  # few CPU ops take uint32
+            lengths = lengths.to(torch.int64) + access.length_offset
         bounds = _sync_bounds(lengths)
         index_of = length_index_of(access)
         found += _check_lengths(lengths, access.lengths_arg, bounds, access.max_len, access.max_len_arg, index_of)
@@ -381,7 +381,7 @@ def page_table_findings(access: PageTable) -> list:
             return access.first, access.end
         if access.whole_row or lengths is None:
             return None, None
-        end = ceil_div(lengths.clamp(min=0), page_size).clamp(max=width)
+        end = ceil_div(lengths.to(torch.int64).clamp(min=0), page_size).clamp(max=width)
         if access.window_left is None or access.window_left < 0:
             return None, end
         return window_first_page(lengths, access.window_left, access.q_len, page_size,

@@ -38,6 +38,7 @@ active sanitizer. Rules registered while a sanitizer is active apply from its ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import os
@@ -529,6 +530,7 @@ def _abort(errors, dump_path, exit_code: int) -> None:
         os._exit(exit_code)
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_dir() -> str:
     import torch
 

@@ -154,9 +154,7 @@ def trtllm_batch_decode_with_kv_cache(call):
      max_q_len, cum_seq_lens_q, shared, sparse) = arguments
     # A decode loop calls with one form (shapes, dtypes, scalars) over and over: the analysis below
     # (metadata only) runs once per form, later calls describe their tensors with its result.
-    form = None  # CPU tables take the torch checks: they pay nothing for the memo
-    if isinstance(table, torch.Tensor) and (table.is_cuda or getattr(call.options, "device_interpret", False)):
-        form = _call_form(call, arguments)
+    form = _call_form(call, arguments)
     known = _FORMS.get(form) if form is not None else None
     if known is not None and not (call.wants("duplicate-page") or tracking.enabled(call)):
         return [PageTable(table, lengths=lengths.reshape(-1) if sparse else lengths, **known)]
