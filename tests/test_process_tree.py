@@ -169,3 +169,13 @@ def test_suppressions(tmp_path):
     with PagedSanitizer(mode="raise", config={"suppress": [{"check": "dead-*"}]}), pytest.raises(Exception) as info:
         call_kernel(batch)
     assert type(info.value).__name__ == "PageTableViolation"
+
+
+def test_validating_a_config_with_rules_imports_no_torch(tmp_path):
+    """TSAN_PAGED_CONFIG is validated at every process start, before torch: its [[rule]] tables
+    must not pull torch in (a process that never uses torch pays only the config's parsing)."""
+    path = tmp_path / "rules.toml"
+    path.write_text('[[rule]]\ntarget = "mylib::paged_decode"\ntable = "t"\nbuffers = ["kv"]\n')
+    code = f"import sys\nfrom tsan_paged import config\nconfig.load({str(path)!r})\nprint('torch' in sys.modules)"
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

@@ -28,6 +28,19 @@ import re
 from .registry import Rule, parse_target
 from .report import CHECKS, Violation
 
+_DEPS: list = []  # torch and the access forms, imported with the first check (validating a config needs neither)
+
+
+def _deps() -> tuple:
+    if not _DEPS:
+        import torch
+
+        from . import checks
+        from .access import Buffer, CsrPages, PageTable, Slots
+
+        _DEPS[:] = [torch, checks, Buffer, CsrPages, PageTable, Slots]
+    return _DEPS
+
 _KEYS = {"target": str, "name": str, "table": str, "lengths": str, "buffers": list, "page_dim": int,
          "page_size": (int, str), "max_length": (int, str), "indptr": str, "last_page_len": str, "slots": bool,
          "checks": list}
@@ -140,11 +153,7 @@ class _Accessors(dict):
 
 def _check(call, spec, value_of) -> list:
     """The rule's metadata findings and the description of what its kernel reads."""
-    import torch
-
-    from . import checks
-    from .access import Buffer, CsrPages, PageTable, Slots
-
+    torch, checks, Buffer, CsrPages, PageTable, Slots = _deps()
     table_arg = spec["table"]
     table = value_of(table_arg)
     page_dim = spec.get("page_dim", 0)
@@ -174,7 +183,9 @@ def _check(call, spec, value_of) -> list:
     lengths = None
     if "lengths" in spec:
         lengths_arg = spec["lengths"]
-        lengths = value_of(lengths_arg).reshape(-1)
+        lengths = value_of(lengths_arg)
+        if lengths.dim() != 1:
+            lengths = lengths.reshape(-1)
         if lengths.shape[0] != rows:
             return found + [Violation("shape-mismatch", lengths_arg, f"{lengths_arg} has {lengths.shape[0]} "
                                              f"rows, {table_arg} has {rows}", value=lengths.shape[0], bound=rows)]
