@@ -24,8 +24,9 @@ Per pool: one ``uint8`` state per page (never allocated / allocated / freed) and
 ``int32`` stack id per page (the ``free`` call that released it, interned: at most
 ``MAX_STACKS`` distinct stacks are kept), on the allocator's device, under one lock.
 
-Reads: the FlashInfer decode rule calls :func:`check_read_pages` with its table views; a
-kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffer`` /
+Reads: the FlashInfer decode rule calls :func:`check_read_pages` with the table it describes
+(a host check for the engine: it syncs on a CUDA table, so it is skipped while a graph is being
+captured); a kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffer`` /
 ``v_buffer`` per layer, full and SWA pools alike), else by an unambiguous page count. The
 region checked is what the kernel *attends to* (``ceil(seq_len / ps)`` columns, from the
 sliding window's first token on a window layer); one gather of the state at the table's

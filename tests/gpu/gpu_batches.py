@@ -15,7 +15,7 @@ KV_HEADS, QO_HEADS, HEAD_DIM = 8, 32, 128
 def cuda_ready() -> str:
     """'' when the real kernel can run here, else why not (the skip reason)."""
     if not torch.cuda.is_available():
-        return "no CUDA device: GPU tests run on the lent H100 (benchmarks/gpu_run.sh)"
+        return "no CUDA device: GPU tests run on the lent H200 (benchmarks/gpu_run.sh)"
     if torch.cuda.get_device_capability()[0] != 9:
         return f"needs sm90 (xqa backend); this GPU is sm{''.join(map(str, torch.cuda.get_device_capability()))}"
     try:

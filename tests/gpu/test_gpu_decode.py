@@ -1,6 +1,6 @@
 """The device path against the real FlashInfer kernel (xqa, sm90). Skips without a CUDA sm90 GPU.
 
-Run on the lent H100 with ``benchmarks/gpu_run.sh`` (installs the carried wheels, runs this,
+Run on the lent H200 with ``benchmarks/gpu_run.sh`` (installs the carried wheels, runs this,
 the benchmarks and compute-sanitizer). Each fault of issue 7 is caught in eager ``raise`` mode,
 and in a replayed CUDA graph with ``guard`` (here) and ``trap`` (in a child process: a trap
 kills the CUDA context).
