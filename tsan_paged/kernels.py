@@ -120,6 +120,17 @@ if triton is not None:
         return (ticket & 0xFFFFFFFF) == nprog - 1, ((ticket >> 32) != 0) | (mask_bits != 0)
 
     @triton.jit
+    def _count_launch(slot_ptr, any_found):
+        """In the last program: count the launch (and a launch with findings); the checks found,
+        taken out of the scratch (0 for a clean launch)."""
+        tl.atomic_add(slot_ptr + _K_CALLS, 1, sem="relaxed")
+        found = any_found.to(tl.int64) * 0
+        if any_found:
+            found = tl.atomic_xchg(slot_ptr + _K_FOUND_MASK, 0)
+            tl.atomic_add(slot_ptr + _K_HIT_CALLS, 1, sem="relaxed")
+        return found
+
+    @triton.jit
     def _take(slot_ptr, c: tl.constexpr):
         """The launch's count and encoded first of check ``c``, taken out of the scratch."""
         count = tl.atomic_xchg(slot_ptr + _K_SCRATCH + 2 * c, 0)
@@ -346,28 +357,22 @@ if triton is not None:
         # -- record: the last program to finish ----------------------------------------------
         last, any_found = _last_program(slot_ptr, mask_bits, nprog)
         if last:
-            tl.atomic_add(slot_ptr + _K_CALLS, 1, sem="relaxed")
-            if any_found:
-                found = tl.atomic_xchg(slot_ptr + _K_FOUND_MASK, 0)
-                tl.atomic_add(slot_ptr + _K_HIT_CALLS, 1, sem="relaxed")
-                for c in tl.static_range(7):
-                    if ((found >> c) & 1) != 0:
-                        cnt, enc = _take(slot_ptr, c)
-                        if c == 0 or c == 2:
-                            bnd = P0
-                        elif c == 1 or c == 3:
-                            bnd = P1
-                        elif c == 4:
-                            bnd = P0 * 0
-                        elif c == 5:
-                            bnd = MAXLEN
-                        else:
-                            bnd = CAP
-                        _store_record(slot_ptr, c, cnt, enc, bnd, zero, STICKY)
-                    elif STICKY == 0:
-                        _clear_record(slot_ptr, c)
-            elif STICKY == 0:  # a clean launch of the sync path: no findings in the record
-                for c in tl.static_range(7):
+            found = _count_launch(slot_ptr, any_found)
+            for c in tl.static_range(7):
+                if ((found >> c) & 1) != 0:
+                    cnt, enc = _take(slot_ptr, c)
+                    if c == 0 or c == 2:
+                        bnd = P0
+                    elif c == 1 or c == 3:
+                        bnd = P1
+                    elif c == 4:
+                        bnd = P0 * 0
+                    elif c == 5:
+                        bnd = MAXLEN
+                    else:
+                        bnd = CAP
+                    _store_record(slot_ptr, c, cnt, enc, bnd, zero, STICKY)
+                elif STICKY == 0:  # the sync path's record holds this launch's findings only
                     _clear_record(slot_ptr, c)
             if nprog > 1:
                 tl.store(slot_ptr + _K_TICKET, zero)
@@ -527,56 +532,50 @@ if triton is not None:
         # -- record: the last program; it also finds what the host needs to name the first finding
         last, any_found = _last_program(slot_ptr, mask_bits, nprog)
         if last:
-            tl.atomic_add(slot_ptr + _K_CALLS, 1, sem="relaxed")
-            if any_found:
-                found = tl.atomic_xchg(slot_ptr + _K_FOUND_MASK, 0)
-                tl.atomic_add(slot_ptr + _K_HIT_CALLS, 1, sem="relaxed")
-                for c in tl.static_range(_K_NCHECKS):
-                    if ((found >> c) & 1) != 0:
-                        cnt, enc = _take(slot_ptr, c)
-                        where = (_K_BIG - enc) >> 32
-                        aux = zero
-                        if c == 0 or c == 1:
-                            if c == 0:
-                                bnd = zero + P0
-                            else:
-                                bnd = zero + P1
-                            if HAS_TOKENS:  # (row, column) of the written token's page
-                                wb = tl.load(bidx_ptr + where).to(tl.int64)
-                                wp = tl.load(pos_ptr + where).to(tl.int64)
-                                aux = (wb << 32) | (wp // PAGE_SIZE)
-                            elif HAS_INDPTR:  # the entry's row: rows whose list ends at or before it
-                                row = zero
-                                for r0 in range(0, B, RBLOCK):
-                                    rr = r0 + tl.arange(0, RBLOCK)
-                                    ends = tl.load(indptr_ptr + rr + 1, mask=rr < B, other=0).to(tl.int64)
-                                    row += tl.reduce(((rr < B) & (ends <= where)).to(tl.int64), None,
-                                                     tl.standard._sum_combine)
-                                aux = (row << 32) | (where - tl.load(indptr_ptr + row).to(tl.int64))
-                        elif c == 4:
-                            bnd = zero
-                        elif c == 6:
-                            bnd = zero + PAGE_SIZE
-                        elif c == 7:  # the row's start
-                            bnd = tl.load(indptr_ptr + where).to(tl.int64)
-                        elif c == 8:
-                            bnd = zero + N
-                        elif c == 9:
-                            bnd = zero + B
-                        elif c == 10 or c == 11:  # the token's request and its KV length
-                            tb = tl.load(bidx_ptr + where).to(tl.int64)
-                            ta = tl.load(indptr_ptr + tb).to(tl.int64)
-                            te = tl.load(indptr_ptr + tb + 1).to(tl.int64)
-                            tlp = tl.load(last_ptr + tb).to(tl.int64)
-                            bnd = tl.maximum((te - ta - 1) * PAGE_SIZE + tlp, 0)
-                            aux = tb
+            found = _count_launch(slot_ptr, any_found)
+            for c in tl.static_range(_K_NCHECKS):
+                if ((found >> c) & 1) != 0:
+                    cnt, enc = _take(slot_ptr, c)
+                    where = (_K_BIG - enc) >> 32
+                    aux = zero
+                    if c == 0 or c == 1:
+                        if c == 0:
+                            bnd = zero + P0
                         else:
-                            bnd = zero
-                        _store_record(slot_ptr, c, cnt, enc, bnd, aux, STICKY)
-                    elif STICKY == 0:
-                        _clear_record(slot_ptr, c)
-            elif STICKY == 0:
-                for c in tl.static_range(_K_NCHECKS):
+                            bnd = zero + P1
+                        if HAS_TOKENS:  # (row, column) of the written token's page
+                            wb = tl.load(bidx_ptr + where).to(tl.int64)
+                            wp = tl.load(pos_ptr + where).to(tl.int64)
+                            aux = (wb << 32) | (wp // PAGE_SIZE)
+                        elif HAS_INDPTR:  # the entry's row: rows whose list ends at or before it
+                            row = zero
+                            for r0 in range(0, B, RBLOCK):
+                                rr = r0 + tl.arange(0, RBLOCK)
+                                ends = tl.load(indptr_ptr + rr + 1, mask=rr < B, other=0).to(tl.int64)
+                                row += tl.reduce(((rr < B) & (ends <= where)).to(tl.int64), None,
+                                                 tl.standard._sum_combine)
+                            aux = (row << 32) | (where - tl.load(indptr_ptr + row).to(tl.int64))
+                    elif c == 4:
+                        bnd = zero
+                    elif c == 6:
+                        bnd = zero + PAGE_SIZE
+                    elif c == 7:  # the row's start
+                        bnd = tl.load(indptr_ptr + where).to(tl.int64)
+                    elif c == 8:
+                        bnd = zero + N
+                    elif c == 9:
+                        bnd = zero + B
+                    elif c == 10 or c == 11:  # the token's request and its KV length
+                        tb = tl.load(bidx_ptr + where).to(tl.int64)
+                        ta = tl.load(indptr_ptr + tb).to(tl.int64)
+                        te = tl.load(indptr_ptr + tb + 1).to(tl.int64)
+                        tlp = tl.load(last_ptr + tb).to(tl.int64)
+                        bnd = tl.maximum((te - ta - 1) * PAGE_SIZE + tlp, 0)
+                        aux = tb
+                    else:
+                        bnd = zero
+                    _store_record(slot_ptr, c, cnt, enc, bnd, aux, STICKY)
+                elif STICKY == 0:
                     _clear_record(slot_ptr, c)
             if nprog > 1:
                 tl.store(slot_ptr + _K_TICKET, zero)

@@ -131,18 +131,25 @@ def xqa_raw(dev="cuda") -> Case:
     return Case("flashinfer.xqa.xqa", lambda: module.xqa(**args), plant, state=args)
 
 
+def _csr_list(pages, batch, per_row, seed):
+    """A CSR page list on the host as FlashInfer's tests build one: ``(counts, indptr, indices,
+    last_page_len)``, distinct pages, last pages holding 1..PAGE tokens."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    counts = torch.randint(per_row[0], per_row[1] + 1, (batch,), generator=g)
+    indptr = torch.zeros(batch + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(counts, 0)
+    indices = torch.randperm(pages, generator=g)[:int(indptr[-1])].to(torch.int32)
+    last = torch.randint(1, PAGE + 1, (batch,), generator=g, dtype=torch.int32)
+    return counts, indptr, indices, last
+
+
 def decode_wrapper(dev="cuda") -> Case:
     """BatchDecodeWithPagedKVCacheWrapper in CUDA-graph mode: plan (eager), run (captured)."""
     import flashinfer.decode
 
     pages, batch = 3000, 8
     k, v = _kv(pages, dev, seed=3)
-    g = torch.Generator(device="cpu").manual_seed(3)
-    counts = torch.randint(8, 33, (batch,), generator=g)
-    indptr = torch.zeros(batch + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(counts, 0)
-    indices = torch.randperm(pages, generator=g)[:int(indptr[-1])].to(torch.int32)
-    last = torch.randint(1, PAGE + 1, (batch,), generator=g, dtype=torch.int32)
+    _, indptr, indices, last = _csr_list(pages, batch, (8, 32), seed=3)
     buffers = dict(paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
                    paged_kv_indices_buffer=torch.zeros(batch * 40, dtype=torch.int32, device=dev),
                    paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=dev))
@@ -167,12 +174,7 @@ def append_kv(dev="cuda") -> Case:
 
     pages, batch = 2000, 6
     k, v = _kv(pages, dev, seed=4)
-    g = torch.Generator(device="cpu").manual_seed(4)
-    counts = torch.randint(2, 6, (batch,), generator=g)
-    indptr = torch.zeros(batch + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(counts, 0)
-    indices = torch.randperm(pages, generator=g)[:int(indptr[-1])].to(torch.int32)
-    last = torch.randint(1, PAGE + 1, (batch,), generator=g, dtype=torch.int32)
+    counts, indptr, indices, last = _csr_list(pages, batch, (2, 5), seed=4)
     kv_len = (counts - 1) * PAGE + last
     new = torch.full((batch,), 3)  # each request appends its last 3 tokens
     batch_indices = torch.repeat_interleave(torch.arange(batch), new).to(torch.int32)
