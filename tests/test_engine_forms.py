@@ -302,3 +302,13 @@ def test_primitives_compute_on_cpu():
     indptr, indices, last = csr(rows=3, per_row=(1, 2), seed=1)
     assert checks.check_csr_pages(indptr, indices, last, 80, 16, "kv") == []
     assert checks.check_lengths(torch.tensor([3, -1]), "lens")[0].check == "negative-seq-len"
+
+
+def test_tensors_on_two_devices_are_a_finding_not_a_launch():
+    """A table on a GPU with lengths on the CPU (a TOML rule checks no devices): the kernel would
+    read a host pointer. Reported as bad-device; the engine launches nothing (meta tensors stand
+    in for the GPU here)."""
+    table = torch.zeros(4, 8, dtype=torch.int32, device="meta")
+    access = PageTable(table, "block_table", (Buffer("kv", 30),), 16, lengths=torch.full((4,), 80))
+    [v] = engine._on_device(access, Call("test::op", {}, CheckOptions()), engine.Settings(), "test::op", (), False)
+    assert (v.check, v.arg) == ("bad-device", "block_table") and "cpu" in v.message and "meta" in v.message

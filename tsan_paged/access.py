@@ -70,7 +70,8 @@ class PageTable:
     explicit_region: bool = False  # first/end given (either may be None: unbounded on that side)
     kv_split: bool = False
     sparse_batch: Optional[int] = None  # [H, B, W] tables: reports (h, b, col)
-    index_of: Optional[Callable] = None  # (row, col) -> the index a report shows (a Python rule's)
+    index_of: Optional[Callable] = None  # (row, col) -> the index a report shows (a Python rule's; on the
+    #                                      device, the first one seen for a form serves its later calls)
     length_index_of: Optional[Callable] = None  # row -> the index of a length finding
     guard: Optional[int] = 0
     only: Optional[frozenset] = None  # check ids to keep (a TOML rule's ``checks``)

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .access import Buffer, CsrPages, HostCheck, Lengths, PageTable, Slots, Writes
+from .access import Buffer, CsrPages, HostCheck, Lengths, PageTable, Slots
 from .report import MAX_EXAMPLES, Violation
 
 IndexOf = Callable[[int, int], tuple]
@@ -566,6 +566,6 @@ TORCH_CHECKS = {PageTable: page_table_findings, Lengths: lengths_findings, CsrPa
                 Slots: slot_findings}
 """The torch check of each access form (the engine's CPU path)."""
 
-__all__ = ["Writes", "ceil_div", "check_csr_pages", "check_device", "check_dtype", "check_duplicate_pages",
+__all__ = ["ceil_div", "check_csr_pages", "check_device", "check_dtype", "check_duplicate_pages",
            "check_lengths", "check_lengths_fit", "check_packed_rows", "check_pages_in_range", "check_slots",
            "length_bounds"]

@@ -80,6 +80,12 @@ def findings(items, call, settings: Optional[Settings] = None) -> list:
 
 
 def _on_device(item, call, settings: Settings, op: str, library_dirs: tuple, capture: bool) -> list:
+    devices = {t.device for t in item.tensors()}
+    if len(devices) > 1:  # a kernel reads all of them from one device: never launch across devices
+        names = ", ".join(sorted(str(d) for d in devices))
+        arg = getattr(item, "arg", None) or getattr(item, "indices_arg", "tensors")
+        return [Violation("bad-device", arg, f"{_what(item)} of {op} reads tensors on {names}: a kernel reads "
+                          "them all from one device", value=names)]
     device = _device_module()
     why = None
     if not device.available():
@@ -198,8 +204,8 @@ def flush(sink=None) -> None:
         _device.flush(sink)
 
 
-def on_leave(sink, last: bool) -> Optional[Exception]:
-    """The sanitizer ``sink`` is leaving: read its device records (sync)."""
+def on_leave(sink, last: bool) -> None:
+    """The sanitizer ``sink`` is leaving: read its device records (sync); ``last``: no
+    sanitizer stays active."""
     if _device is not None:
         _device.on_leave(sink, last)
-    return None
