@@ -68,7 +68,6 @@ from .report import Violation
 
 available = K.available
 TRITON_ERROR = K.TRITON_ERROR
-XQA_TILE_TOKENS = 256  # the default sliding-window tile (mha.cu); rules pass the kernel's own
 
 
 # -- launch shapes (benchmark knobs) ---------------------------------------------------------

@@ -45,10 +45,11 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-def execute(items, call, settings: Settings, op: str, library_dirs: tuple = ()) -> list:
-    """The findings of a rule's output ``items`` (Violations and access descriptions) for one call."""
+def execute(items, call, settings: Settings, op: str, library_dirs: tuple = (),
+            capture: Optional[bool] = None) -> list:
+    """The findings of a rule's output ``items`` (Violations and access descriptions) for one
+    call; ``capture``: whether a CUDA graph is being captured (looked up here when not given)."""
     found = []
-    capture = None  # looked up once, and only for CUDA tensors
     for item in items:
         if not is_access(item):
             found.append(item)

@@ -322,17 +322,18 @@ class PagedSanitizer(contextlib.ContextDecorator):
         # collection our allocations set off could destroy a dead CUDAGraph, which is not
         # permitted during capture and would break the user's capture (SGLang's graph runner
         # freezes the GC around capture for the same reason).
-        paused = gc.isenabled() and engine.capturing()
+        capture = engine.capturing()
+        paused = capture and gc.isenabled()
         if paused:
             gc.disable()
         try:
-            self._check_and_act_now(target, rules, arguments, library_dirs)
+            self._check_and_act_now(target, rules, arguments, library_dirs, capture)
         finally:
             if paused:
                 gc.enable()
 
-    def _check_and_act_now(self, target: str, rules, arguments: dict, library_dirs: tuple) -> None:
-        violations = self._run_rules(target, rules, arguments, library_dirs)
+    def _check_and_act_now(self, target: str, rules, arguments: dict, library_dirs: tuple, capture: bool) -> None:
+        violations = self._run_rules(target, rules, arguments, library_dirs, capture)
         if not violations:
             return
         caller, stack = find_caller(library_dirs)
@@ -351,9 +352,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
         if self.mode == "abort":
             _abort(errors, dump_path, self.config.exit_code)
 
-    def _run_rules(self, target: str, rules, arguments: dict, library_dirs: tuple = ()) -> list:
+    def _run_rules(self, target: str, rules, arguments: dict, library_dirs: tuple = (), capture: bool = False) -> list:
         """The findings of ``rules`` on one call: each rule describes (and checks metadata), the
-        engine checks the descriptions (on the device for CUDA tensors)."""
+        engine checks the descriptions (on the device for CUDA tensors). ``capture``: the current
+        CUDA stream is capturing a graph."""
         found = []
         call = Call(target, arguments, self.options)
         _local.checking = True
@@ -362,16 +364,16 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 # A rule of the user's may read values on the host: while a CUDA graph is being
                 # captured, a sync is refused before it happens (the capture survives) and the
                 # rule is skipped for this call site. Built-in rules only describe.
-                capture = not rule.builtin and engine.capturing()
+                guarded = capture and not rule.builtin
                 try:
-                    with engine.no_sync_while(capture):
+                    with engine.no_sync_while(guarded):
                         items = list(rule.check(call))
-                    found.extend(engine.execute(items, call, self.settings, target, library_dirs))
+                    found.extend(engine.execute(items, call, self.settings, target, library_dirs, capture))
                 except UnboundArgument as exc:
                     found.append(Violation("rule-unbound", target, f"rule {rule.name} reads {exc.args[0]!r}, "
                                                                    f"which {target} does not take (library drift?)"))
                 except Exception as exc:
-                    if capture and engine.sync_refusal(exc):
+                    if guarded and engine.sync_refusal(exc):
                         found += engine.skipped_rule(self.settings, target, library_dirs, rule.name, exc)
                         continue
                     found.append(Violation("rule-error", target, f"rule {rule.name} raised "
