@@ -40,7 +40,7 @@ def triton_interpret(monkeypatch):
     monkeypatch.setattr(device, "run_interpreted", lambda *a, **k: LAUNCHES.append(1) or run(*a, **k))
 
 
-def both(access_factory):
+def both(access_factory, launches=1):
     """The access's findings by the torch checks and by the interpreted kernel (fresh copies:
     neither path may change the inputs here)."""
     torch_call = Call("test::op", {}, CheckOptions())
@@ -48,14 +48,14 @@ def both(access_factory):
     kernel_options.device_interpret = True
     kernel_call = Call("test::op", {}, kernel_options)
     expected = engine.findings([access_factory()], torch_call)
-    launches = len(LAUNCHES)
+    before = len(LAUNCHES)
     got = engine.findings([access_factory()], kernel_call)
-    assert len(LAUNCHES) == launches + 1  # one kernel launch per access
+    assert len(LAUNCHES) == before + launches  # one kernel launch per access (none: metadata alone)
     return expected, got
 
 
-def assert_same(access_factory):
-    expected, got = both(access_factory)
+def assert_same(access_factory, launches=1):
+    expected, got = both(access_factory, launches)
     assert [tuple(getattr(v, f) for f in FIELDS) for v in got] == [tuple(getattr(v, f) for f in FIELDS)
                                                                     for v in expected]
     for g, e in zip(got, expected):
@@ -310,5 +310,14 @@ def test_tensors_on_two_devices_are_a_finding_not_a_launch():
     in for the GPU here)."""
     table = torch.zeros(4, 8, dtype=torch.int32, device="meta")
     access = PageTable(table, "block_table", (Buffer("kv", 30),), 16, lengths=torch.full((4,), 80))
-    [v] = engine._on_device(access, Call("test::op", {}, CheckOptions()), engine.Settings(), "test::op", (), False)
+    [v] = engine._on_device(access, access.tensors(), engine.Settings(), "test::op", (), False)
     assert (v.check, v.arg) == ("bad-device", "block_table") and "cpu" in v.message and "meta" in v.message
+
+
+def test_writes_with_a_last_page_len_of_the_wrong_shape_are_not_followed():
+    """Both paths report the shape and stop: a written token's KV length needs last_page_len."""
+    indptr, indices, last, batch, positions = appended(seed=13)
+    found = assert_same(lambda: csr_access(indptr, indices, last[:-1],
+                                           writes=Writes(batch.clone(), positions.clone(), batch.numel())),
+                        launches=0)
+    assert [(v.check, v.arg) for v in found] == [("shape-mismatch", "last_page_len")]

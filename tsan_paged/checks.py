@@ -424,6 +424,8 @@ def csr_findings(access: CsrPages) -> list:
         return [Violation("shape-mismatch", access.indptr_arg, f"{access.indptr_arg} must be 1-D [batch + 1], got "
                           f"{tuple(indptr.shape)}", value=tuple(indptr.shape))]
     found = list(metadata)
+    if metadata and access.writes is not None:  # a write's KV lengths need last_page_len: not followed
+        return _only(found, access.only)
     last_page_len = access.last_page_len if not metadata else None
     rows = indptr.shape[0] - 1
     if rows == 0:

@@ -63,11 +63,10 @@ def execute(items, call, settings: Settings, op: str, library_dirs: tuple = (),
             found += item.run()
             continue
         tensors = item.tensors()
-        on_cuda = any(t.is_cuda for t in tensors)
-        if on_cuda:
+        if any(t.is_cuda for t in tensors):
             capture = capturing() if capture is None else capture
-            found += _on_device(item, call, settings, op, library_dirs, capture)
-        elif getattr(call.options, "device_interpret", False) and _interpretable(item):
+            found += _on_device(item, tensors, settings, op, library_dirs, capture)
+        elif getattr(call.options, "device_interpret", False) and _device_module().available():
             found += _interpreted(item)
         else:
             found += checks.TORCH_CHECKS[type(item)](item)
@@ -80,8 +79,8 @@ def findings(items, call, settings: Optional[Settings] = None) -> list:
     return execute(list(items), call, settings or Settings(), call.target)
 
 
-def _on_device(item, call, settings: Settings, op: str, library_dirs: tuple, capture: bool) -> list:
-    devices = {t.device for t in item.tensors()}
+def _on_device(item, tensors: tuple, settings: Settings, op: str, library_dirs: tuple, capture: bool) -> list:
+    devices = {t.device for t in tensors}
     if len(devices) > 1:  # a kernel reads all of them from one device: never launch across devices
         names = ", ".join(sorted(str(d) for d in devices))
         arg = getattr(item, "arg", None) or getattr(item, "indices_arg", "tensors")
@@ -124,11 +123,6 @@ def _csr_ready(item):
         item = CsrPages(item.indptr, item.indices, item.buffers, None, item.page_size, item.indptr_arg,
                         item.indices_arg, item.last_page_len_arg, None, item.guard, item.only)
     return metadata, item
-
-
-def _interpretable(item) -> bool:
-    device = _device_module()
-    return device.available() and not isinstance(item, HostCheck)
 
 
 def _interpreted(item) -> list:
