@@ -20,7 +20,8 @@ Forms:
   With ``writes`` (FlashInfer's ``append_paged_kv_cache``) only the entries tokens are
   written to are dereferenced.
 - :class:`Slots`: a slot mapping ``[tokens]`` a cache-write kernel writes through; negative
-  slots are padding the kernel skips.
+  slots are padding the kernel skips (vLLM's), or out of range (``negative_skipped=False``:
+  SGLang's pools, whose ``k_buffer[loc] = k`` wraps a negative slot onto the last rows).
 - :class:`Lengths`: per-row lengths alone (a Python rule's ``checks.check_lengths``).
 - :class:`HostCheck`: a check only the host can make (``duplicate-page``, ``track_pages``'
   page state): run eagerly, skipped with a ``rule-skipped-in-capture`` warning while a CUDA
@@ -133,6 +134,7 @@ class CsrPages:
     writes: Optional[Writes] = None
     guard: Optional[int] = 0
     only: Optional[frozenset] = None
+    unit: str = "page"  # what an entry is, in reports: "page", or "slot" (SGLang's token-slot lists)
 
     def tensors(self) -> tuple:
         w = self.writes
@@ -148,6 +150,7 @@ class Slots:
     tokens: Optional[int] = None  # only the first ``tokens`` entries are read
     guard: Optional[int] = -1  # the kernel skips negative slots
     only: Optional[frozenset] = None
+    negative_skipped: bool = True  # False: a negative slot is written too (torch indexing wraps it)
 
     def tensors(self) -> tuple:
         return (self.slots,)

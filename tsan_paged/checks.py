@@ -68,9 +68,9 @@ def over_table_message(arg: str, row: int, value: int, page_size: int, table_arg
 
 
 def csr_page_message(indices_arg: str, position: int, row: int, col: int, value: int, buffer: str,
-                     pages: int) -> str:
-    return (f"{indices_arg}[{position}] (row {row}, page {col} of the row) = {value}, {buffer} has {pages} pages "
-            f"(valid 0..{pages - 1})")
+                     pages: int, unit: str = "page") -> str:
+    return (f"{indices_arg}[{position}] (row {row}, {unit} {col} of the row) = {value}, {buffer} has {pages} "
+            f"{unit}s (valid 0..{pages - 1})")
 
 
 def last_page_over_message(arg: str, row: int, value: int, page_size: int) -> str:
@@ -85,8 +85,9 @@ def indptr_end_message(arg: str, stop: int, indices_arg: str, entries: int) -> s
     return f"{arg}[-1] = {stop} but {indices_arg} holds {entries} entries"
 
 
-def slot_message(arg: str, token: int, value: int, buffer: str, slots: int) -> str:
-    return f"{arg}[{token}] = {value}, {buffer} has {slots} slots (valid 0..{slots - 1}; negative = padding)"
+def slot_message(arg: str, token: int, value: int, buffer: str, slots: int, negative_skipped: bool = True) -> str:
+    padding = "; negative = padding" if negative_skipped else ""
+    return f"{arg}[{token}] = {value}, {buffer} has {slots} slots (valid 0..{slots - 1}{padding})"
 
 
 def write_batch_message(arg: str, token: int, value: int, batch: int, indptr_arg: str) -> str:
@@ -103,6 +104,11 @@ def write_page_message(indices_arg: str, indptr_arg: str, row: int, col: int, va
                        pages: int, token: int) -> str:
     return (f"{indices_arg}[{indptr_arg}[{row}] + {col}] (row {row}, page {col} of the row) = {value}, {buffer} "
             f"has {pages} pages (valid 0..{pages - 1}); appended token {token} is WRITTEN there")
+
+
+def unsupported_form(target: str, arg: str, why: str) -> Violation:
+    """A call form a rule cannot describe exactly: reported, never checked with a guessed region."""
+    return Violation("unsupported-form", arg, f"{target}: {why}; this call is not checked")
 
 
 # -- metadata checks (no values read: the same on every device) ---------------------------
@@ -479,7 +485,8 @@ def _csr_live_pages(access: CsrPages, live, start, bounds, buffer: Buffer) -> li
     r, p = pos[0].tolist()
     value = int(values[0])
     return [Violation("page-out-of-range", access.indices_arg,
-                      csr_page_message(access.indices_arg, int(positions[0]), r, p, value, buffer.name, num_pages),
+                      csr_page_message(access.indices_arg, int(positions[0]), r, p, value, buffer.name, num_pages,
+                                       access.unit),
                       index=(r, p), value=value, bound=num_pages, count=int(bad.numel()),
                       examples=_examples(pos, values, lambda a, b: (a, b)))]
 
@@ -540,13 +547,18 @@ def slot_findings(access: Slots) -> list:
     if access.tokens is not None:
         slots = slots[:access.tokens]
     num_slots = access.buffer.pages
-    if slots.numel() == 0 or int(slots.max()) < num_slots:
+    if slots.numel() == 0:
         return []
-    bad = (slots >= num_slots).nonzero().flatten()
+    low, high = _sync_bounds(slots)
+    if high < num_slots and (low >= 0 or access.negative_skipped):
+        return []
+    bad = (slots >= num_slots) if access.negative_skipped else ((slots < 0) | (slots >= num_slots))
+    bad = bad.nonzero().flatten()
     values = slots[bad]
     token, value = int(bad[0]), int(values[0])
     return _only([Violation("page-out-of-range", access.arg,
-                            slot_message(access.arg, token, value, access.buffer.name, num_slots), index=(token,),
+                            slot_message(access.arg, token, value, access.buffer.name, num_slots,
+                                         access.negative_skipped), index=(token,),
                             value=value, bound=num_slots, count=int(bad.numel()),
                             examples=tuple(((t,), v) for t, v in zip(bad[:MAX_EXAMPLES].tolist(),
                                                                       values[:MAX_EXAMPLES].tolist())))],

@@ -274,8 +274,8 @@ def _csr_plan(a: CsrPages) -> Optional[Plan]:
            None if lpl is None else lpl.dtype, a.buffers, a.page_size, a.indptr_arg, a.indices_arg,
            a.last_page_len_arg, None if writes is None else (writes.tokens, writes.batch_indices.dtype,
                                                              writes.positions.dtype, writes.batch_arg,
-                                                             writes.positions_arg), a.guard, a.only)
-    info = dict(indptr_arg=a.indptr_arg, indices_arg=a.indices_arg, last_page_len_arg=a.last_page_len_arg,
+                                                             writes.positions_arg), a.guard, a.only, a.unit)
+    info = dict(indptr_arg=a.indptr_arg, indices_arg=a.indices_arg, last_page_len_arg=a.last_page_len_arg, unit=a.unit,
                 page_size=a.page_size, entries=int(a.indices.numel()), rows=int(a.indptr.shape[0] - 1),
                 batch_arg=writes.batch_arg if writes else "", positions_arg=writes.positions_arg if writes else "",
                 only=a.only, wide=a.indices.element_size() > 4)
@@ -288,9 +288,10 @@ def _csr_plan(a: CsrPages) -> Optional[Plan]:
 
 def _slots_plan(a: Slots) -> Plan:
     count = int(a.slots.numel()) if a.tokens is None else min(int(a.tokens), int(a.slots.numel()))
-    key = ("slots", count, a.slots.dtype, a.arg, a.buffer, a.guard, a.only)
-    info = dict(arg=a.arg, only=a.only, wide=a.slots.element_size() > 4)
-    return _flat_plan(key, entries=count, rows=0, tokens=0, buffers=(a.buffer,), page_size=1, neg_ok=True,
+    key = ("slots", count, a.slots.dtype, a.arg, a.buffer, a.guard, a.only, a.negative_skipped)
+    info = dict(arg=a.arg, only=a.only, wide=a.slots.element_size() > 4, negative_skipped=a.negative_skipped)
+    return _flat_plan(key, entries=count, rows=0, tokens=0, buffers=(a.buffer,), page_size=1,
+                      neg_ok=a.negative_skipped,
                       check_entries=True, has_indptr=False, has_last=False, has_tokens=False, guard=a.guard,
                       decode=_slot_findings, info=info)
 
@@ -437,7 +438,8 @@ def _csr_findings(plan: Plan, words, previous_hits=None) -> list:
             message = checks.write_page_message(indices_arg, indptr_arg, row, col, value, buffer.name, buffer.pages,
                                                 position)
         else:
-            message = checks.csr_page_message(indices_arg, position, row, col, value, buffer.name, buffer.pages)
+            message = checks.csr_page_message(indices_arg, position, row, col, value, buffer.name, buffer.pages,
+                                              info["unit"])
         out.append(Violation("page-out-of-range", indices_arg, message + _saturated(info, value), index=(row, col),
                              value=value, bound=buffer.pages, count=count, examples=(((row, col), value),)))
     return _only(out, info["only"])
@@ -451,7 +453,8 @@ def _slot_findings(plan: Plan, words, previous_hits=None) -> list:
     count, token, value, _, _ = new
     buffer = info["buffers"][0]
     return _only([Violation("page-out-of-range", info["arg"],
-                            checks.slot_message(info["arg"], token, value, buffer.name, buffer.pages)
+                            checks.slot_message(info["arg"], token, value, buffer.name, buffer.pages,
+                                                info["negative_skipped"])
                             + _saturated(info, value), index=(token,), value=value, bound=buffer.pages, count=count,
                             examples=(((token,), value),))], info["only"])
 

@@ -33,6 +33,7 @@ since they cannot hold a library's entry point unless it is theirs.
 from __future__ import annotations
 
 import functools
+import os
 import importlib._bootstrap
 import importlib.abc
 import sys
@@ -376,20 +377,34 @@ def _initializing(name: str, module) -> bool:
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
+FRAMEWORKS = frozenset({"sglang", "vllm"})
+"""Serving stacks that ship kernel modules and call them from their own backends: for their
+targets the library is the target's own package, so the backend's line is the caller."""
+
+
 def _library_dirs(module_name: str) -> tuple:
     """Where frames are 'inside the kernel's library', not 'the caller'.
 
     The defining module's file, and for an installed package (under site-packages) the whole
-    top-level package, so a library calling its own entry point is attributed to its user.
+    top-level package, so a library calling its own entry point is attributed to its user
+    (for a serving stack, ``FRAMEWORKS``, the target's own package only); and torch, whose
+    wrappers (``torch.compiler.disable``) may stand between a caller and the entry point.
     """
     dirs = []
     module = sys.modules.get(module_name)
     if getattr(module, "__file__", None):
         dirs.append(module.__file__)
-    top = sys.modules.get(module_name.split(".")[0])
-    for path in list(getattr(top, "__path__", None) or []):
-        if "site-packages" in path or "dist-packages" in path:
-            dirs.append(path)
+    top_name = module_name.split(".")[0]
+    if top_name in FRAMEWORKS:
+        if getattr(module, "__file__", None):
+            dirs.append(os.path.dirname(module.__file__) + os.sep)
+    else:
+        for path in list(getattr(sys.modules.get(top_name), "__path__", None) or []):
+            if "site-packages" in path or "dist-packages" in path:
+                dirs.append(path)
+    torch = sys.modules.get("torch")
+    if getattr(torch, "__file__", None):
+        dirs.append(os.path.dirname(torch.__file__) + os.sep)
     return tuple(dirs)
 
 

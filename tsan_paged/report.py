@@ -35,6 +35,7 @@ CHECKS = {
     "rule-unbound": "warning",
     "rule-error": "warning",
     "rule-skipped-in-capture": "warning",
+    "unsupported-form": "warning",
 }
 """Every check id this sanitizer can report, with its default severity."""
 
