@@ -87,7 +87,7 @@ class Engine:
 
 
 def make_engine(page_size=64, swa=False, full_tokens=64 * 160, swa_tokens=64 * 48, max_context_len=4096,
-                max_reqs=48, window=256, draft_tokens=0) -> Engine:
+                max_reqs=48, window=256, draft_tokens=0, attention="trtllm_mha") -> Engine:
     """SGLang's pools and allocator as ``ModelRunner`` builds them, plus the backend."""
     device = "cpu"
     req_to_token_pool = ReqToTokenPool(size=max_reqs, max_context_len=max_context_len, device=device,
@@ -108,12 +108,14 @@ def make_engine(page_size=64, swa=False, full_tokens=64 * 160, swa_tokens=64 * 4
     layers = [RadixAttention(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=0,
                              sliding_window_size=(window - 1) if swa else -1),
               RadixAttention(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=1)]
-    backend = backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens)
+    make_backend = triton_backend_for if attention == "triton" else backend_for
+    backend = make_backend(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens,
+                           window=(window - 1) if swa else None)
     return Engine(page_size, swa, pool, allocator, req_to_token_pool, backend, layers,
                   window if swa else 0, max_context_len)
 
 
-def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens):
+def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens, window=None):
     """A ``TRTLLMHAAttnBackend`` with what its ``__init__`` sets on an sm90 (xqa) GPU, bf16 KV."""
     b = TRTLLMHAAttnBackend.__new__(TRTLLMHAAttnBackend)
     b.device = "cpu"
@@ -145,6 +147,68 @@ def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, 
     b._multi_ctas_kv_counter_buffer = None
     b._xqa_spec_dec_mask = None
     b.forward_metadata = None
+    return b
+
+
+def triton_backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens, window=None):
+    """A ``TritonAttnBackend`` with what its ``__init__`` (``triton_backend.py``) sets for an
+    NVIDIA GPU, MHA, no DCP, no deterministic mode, default server arguments
+    (``triton_attention_num_kv_splits`` 8); its kernels run under Triton's interpreter."""
+    from sglang.kernels.ops.attention import decode_attention, extend_attention
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    max_bs = req_to_token_pool.size
+    b = TritonAttnBackend.__new__(TritonAttnBackend)
+    b.decode_attention_fwd = torch.compiler.disable(decode_attention.decode_attention_fwd)
+    b.extend_attention_fwd = torch.compiler.disable(extend_attention.extend_attention_fwd)
+    b.extend_attention_fwd_unified = torch.compiler.disable(extend_attention.extend_attention_fwd_unified)
+    b.build_unified_kv_indices = extend_attention.build_unified_kv_indices
+    b.align_window_kv_to_tiles = extend_attention.align_window_kv_to_tiles
+    b.enable_lean_attention = False
+    b._lean_decode_seqlen_gate = decode_attention.lean_decode_seqlen_gate
+    b._lean_capture_policy = decode_attention.lean_capture_policy
+    b._dense_one_shot_kv_indptr = None
+    b.skip_prefill = False
+    b.sliding_window_size = window
+    b.req_to_token_pool = req_to_token_pool
+    b.token_to_kv_pool = pool
+    b.req_to_token = req_to_token_pool.req_to_token
+    b.token_to_kv_pool_allocator = allocator
+    b.use_sliding_window_kv_pool = isinstance(pool, SWAKVPool)
+    b.page_size = page_size
+    b.kv_index_translator = KVIndexTranslator(req_to_token=req_to_token_pool.req_to_token,
+                                              token_to_kv_pool_allocator=allocator, token_to_kv_pool=pool,
+                                              page_size=page_size, device="cpu")
+    b.num_draft_tokens = draft_tokens or None
+    b.dllm_block_size = None
+    b.target_verify_num_tokens_per_req = draft_tokens or 1
+    b.speculative_num_steps = draft_tokens - 1 if draft_tokens else 0
+    b.topk = 1 if draft_tokens else 0
+    b.use_verify_splitkv = b.use_mla = b.use_verify_shared_kv = b.is_hip_dspark_draft = False
+    b.dcp_size, b.dcp_rank = 1, 0
+    b.num_head, b.num_kv_head = HEADS, KV_HEADS
+    b.use_dense_fp8_chunked_prefill = False
+    b.prepare_chunked_prefill_qkv = b.pack_prefix_chunk_kv = None
+    b.v_head_dim, b.swa_v_head_dim = HEAD_DIM, None
+    b.max_context_len = max_context_len
+    b.device = "cpu"
+    b.device_core_count = 132  # an H100's SM count: get_num_kv_splits' split heuristic
+    b.lean_total_programs, b.lean_block_m = 1, decode_attention._LEAN_BLOCK_M
+    b.static_kv_splits = False
+    b.max_kv_splits = 8
+    b.use_pdl = False
+    b.allow_bidirectional_attention_in_extend = False
+    b.enable_deterministic = False
+    b.split_tile_size = None
+    b.kv_indptr = torch.zeros((max_bs + 1,), dtype=torch.int32)
+    b.window_kv_indptr = torch.zeros((max_bs + 1,), dtype=torch.int32) if window else None
+    b.qo_indptr = torch.zeros((max_bs + 1,), dtype=torch.int64)
+    b.mask_indptr = torch.zeros((max_bs + 1,), dtype=torch.int64)
+    b.forward_metadata = None
+    b._verify_mask = None
+    b.is_draft_runner = False
+    b.extend_attention_block_m = extend_attention._get_block_sizes_for_extend_attention(HEAD_DIM, HEAD_DIM)[3]
+    b.dllm_attention = None
     return b
 
 

@@ -5,5 +5,7 @@ is wrapped when (if) it is.
 """
 
 from . import flash_attn  # noqa: F401
+from . import flash_mla  # noqa: F401
 from . import flashinfer  # noqa: F401
+from . import sglang  # noqa: F401
 from . import vllm  # noqa: F401

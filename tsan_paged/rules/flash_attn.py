@@ -37,58 +37,90 @@ PAGE_BLOCK_MULTIPLE = 256  # flash_api.cpp mha_fwd_kvcache
 _READS = ("q", "k_cache", "v_cache", "k", "cache_seqlens", "block_table", "window_size")
 
 
+def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, lengths, lengths_arg="cache_seqlens",
+                    new_tokens=0, q_len=1, window_left=-1, max_tile=0, lengths_optional=True,
+                    cache_args=("k_cache", "v_cache")) -> list:
+    """The findings and the :class:`PageTable` of a FlashAttention paged-KV call (FA2, FA3, FA4
+    and the forks SGLang and vLLM ship: they read a page table the same way).
+
+    ``k_cache`` / ``v_cache``: ``[num_pages, page_size, heads_k, dim]`` (``k_cache`` may be
+    ``None``: FA3's ``only_qv``); ``table``: int32 ``[batch, W]``; row b reads pages
+    ``[first_b, ceil((lengths[b] + new_tokens) / page_size))``; without ``lengths`` every
+    column. A local window (``window_left >= 0``) skips ``S = L - q_len - window_left``
+    tokens in whole tiles of ``kBlockN`` tokens: ``max_tile = 0`` when the page size is a
+    multiple of the tile (FA2: the first page read is ``floor(S / page_size)``), else the
+    largest ``kBlockN`` of the kernel's configurations, which bounds the first page read from
+    below by ``floor((S - max_tile + 1) / page_size)`` (pages before it are dead for every tile).
+    ``q_len``: the query rows of a request (the largest, for ragged queries).
+    """
+    found = []
+    k_arg, v_arg = cache_args
+    caches = [(t, arg) for t, arg in ((k_cache, k_arg), (v_cache, v_arg)) if t is not None]
+    if any(t.dim() != 4 for t, _ in caches) or (len(caches) == 2 and k_cache.shape[:2] != v_cache.shape[:2]):
+        shapes = ", ".join(f"{arg} {tuple(t.shape)}" for t, arg in caches)
+        return [Violation("shape-mismatch", v_arg, f"{shapes}: paged caches must be [num_pages, page_size, heads_k, "
+                          "dim] with the same pages", value=tuple(caches[-1][0].shape))]
+    num_pages, page_size = int(caches[-1][0].shape[0]), int(caches[-1][0].shape[1])
+    found += checks.check_dtype(table, table_arg, (torch.int32,))
+    if table.dtype.is_floating_point or table.dtype == torch.bool:
+        return found
+    tensors = [(table, table_arg), (lengths, lengths_arg)] + [(t, arg) for t, arg in caches]
+    for tensor, arg in tensors:
+        if isinstance(tensor, torch.Tensor):
+            found += checks.check_device(tensor, arg, device, "q")
+    if any(v.check == "bad-device" for v in found):
+        return found
+    if table.dim() != 2 or (batch is not None and table.shape[0] != batch):
+        return found + [Violation("shape-mismatch", table_arg, f"{table_arg} has shape {tuple(table.shape)}, "
+                                  f"expected [batch={batch}, max_num_pages]", value=tuple(table.shape),
+                                  bound=(batch, "W"))]
+    batch = int(table.shape[0])
+    capacity = int(table.shape[1]) * page_size
+    check_lengths = lengths is not None
+    if lengths is None:  # every row is `capacity` long: every page is read
+        lengths, new_tokens = torch.full((batch,), capacity, dtype=torch.int32, device=device), 0
+    elif isinstance(lengths, int):
+        lengths = torch.full((batch,), lengths, dtype=torch.int32, device=device)
+    else:
+        if tuple(lengths.shape) != (batch,):
+            return found + [Violation("shape-mismatch", lengths_arg, f"{lengths_arg} has shape "
+                                      f"{tuple(lengths.shape)}, {table_arg} implies ({batch},)",
+                                      value=tuple(lengths.shape), bound=(batch,))]
+        found += checks.check_dtype(lengths, lengths_arg, (torch.int32,))
+        if lengths.dtype.is_floating_point:
+            return found
+    if window_left is None or window_left < 0 or window_left >= capacity:
+        window_left, tile = -1, 0  # flash_api.cpp: window_size_left >= seqlen_k -> no window
+    elif max_tile:
+        window_left, tile = window_left + max_tile - 1, 1
+    else:
+        tile = 0
+    return found + [PageTable(table, table_arg, (Buffer(caches[0][1], num_pages),), page_size, lengths=lengths, lengths_arg=lengths_arg,
+                              length_offset=int(new_tokens), window_left=int(window_left), q_len=int(q_len), tile=tile,
+                              only=None if check_lengths else PAGE_CHECKS)]
+
+
+PAGE_CHECKS = frozenset({"page-out-of-range", "dead-page-out-of-range"})
+
+
 @rule(FLASH_ATTN_WITH_KVCACHE, name="flash_attn.flash_attn_with_kvcache", reads=_READS)
 def flash_attn_with_kvcache(call):
     q, k_cache, v_cache, k_new, lengths, table, window = call.read(_READS)
     if table is None:
         return []  # not paged: no page table to check
-    found = []
     if k_cache.dim() != 4 or tuple(v_cache.shape) != tuple(k_cache.shape):
         return [Violation("shape-mismatch", "v_cache", f"k_cache {tuple(k_cache.shape)} and v_cache "
                           f"{tuple(v_cache.shape)} must both be [num_blocks, page_block_size, nheads_k, headdim]",
                           value=tuple(v_cache.shape), bound=tuple(k_cache.shape))]
-    num_blocks, page_size = int(k_cache.shape[0]), int(k_cache.shape[1])
+    found = []
+    page_size = int(k_cache.shape[1])
     if page_size % PAGE_BLOCK_MULTIPLE:
         found.append(Violation("shape-mismatch", "k_cache", f"k_cache pages hold {page_size} tokens; "
                                f"flash_attn_with_kvcache needs page_block_size % {PAGE_BLOCK_MULTIPLE} == 0",
                                value=page_size, bound=PAGE_BLOCK_MULTIPLE))
-    device = q.device
-    found += checks.check_dtype(table, "block_table", (torch.int32,))
-    if table.dtype.is_floating_point or table.dtype == torch.bool:
-        return found
-    for tensor, arg in ((table, "block_table"), (lengths, "cache_seqlens"), (k_cache, "k_cache")):
-        if isinstance(tensor, torch.Tensor):
-            found += checks.check_device(tensor, arg, device, "q")
-    if any(v.check == "bad-device" for v in found):
-        return found
-    batch = q.shape[0]
-    if table.dim() != 2 or table.shape[0] != batch:
-        return found + [Violation("shape-mismatch", "block_table", f"block_table has shape {tuple(table.shape)}, "
-                                  f"expected [batch={batch}, max_num_blocks_per_seq]", value=tuple(table.shape),
-                                  bound=(batch, "W"))]
-    width = table.shape[1]
-    capacity = width * page_size
-    new_tokens = int(k_new.shape[1]) if isinstance(k_new, torch.Tensor) else 0
-    if lengths is None:  # every row is `capacity` long: every page is read
-        lengths, new_tokens, check_lengths = torch.full((batch,), capacity, dtype=torch.int32, device=device), 0, False
-    else:
-        check_lengths = True
-        if isinstance(lengths, int):
-            lengths = torch.full((batch,), lengths, dtype=torch.int32, device=device)
-        if tuple(lengths.shape) != (batch,):
-            return found + [Violation("shape-mismatch", "cache_seqlens", f"cache_seqlens has shape "
-                                      f"{tuple(lengths.shape)}, q implies ({batch},)", value=tuple(lengths.shape),
-                                      bound=(batch,))]
-        found += checks.check_dtype(lengths, "cache_seqlens", (torch.int32,))
-        if lengths.dtype.is_floating_point:
-            return found
-    window_left = window[0] if window is not None else -1
-    if window_left is not None and window_left >= capacity:
-        window_left = -1  # flash_api.cpp: window_size_left >= seqlen_k -> no window
     # Read region: columns [floor(max(L - seqlen_q - window_left, 0) / ps), ceil(L / ps)) with
-    # L = cache_seqlens + new tokens: the window skip in whole pages (tile = page size).
-    return found + [PageTable(table, "block_table", (Buffer("k_cache", num_blocks),), page_size, lengths=lengths,
-                              lengths_arg="cache_seqlens", length_offset=new_tokens,
-                              window_left=-1 if window_left is None else int(window_left), q_len=int(q.shape[1]),
-                              only=None if check_lengths else frozenset({"page-out-of-range",
-                                                                          "dead-page-out-of-range"}))]
+    # L = cache_seqlens + new tokens: the window skip in whole pages (kBlockN divides the page).
+    new_tokens = int(k_new.shape[1]) if isinstance(k_new, torch.Tensor) and lengths is not None else 0
+    return found + paged_kv_access(device=q.device, batch=q.shape[0], k_cache=k_cache, v_cache=v_cache, table=table,
+                                   table_arg="block_table", lengths=lengths, new_tokens=new_tokens,
+                                   q_len=int(q.shape[1]), window_left=window[0] if window is not None else -1)

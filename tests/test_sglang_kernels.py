@@ -1,0 +1,372 @@
+"""SGLang 0.5.23's own paged kernels and KV writes under the sanitizer (``rules/sglang.py``).
+
+Everything called here is SGLang's code, unmodified:
+
+- the Triton kernels of its ``triton`` backend (``decode_attention_fwd``,
+  ``extend_attention_fwd``, ``extend_attention_fwd_unified``) RUN on a CPU under Triton's
+  interpreter, on CSR slot lists built by SGLang's own ``create_flashinfer_kv_indices_triton``:
+  valid lists give no report and the kernel's output matches a reference; a planted slot is
+  caught before the kernel at ``(request, position)``; garbage past ``kv_indptr[-1]`` (SGLang
+  over-allocates ``kv_indices``) is never reported;
+- its FlashAttention 3 / 4 wrappers (the ``fa3`` / ``fa4`` backends' entry,
+  ``flash_attention.flash_attn_with_kvcache(..., ver=3|4)``) refuse a CPU after the check:
+  their own ``NotImplementedError`` / ``ImportError`` proves the call got there;
+- its KV pools' writes (``MHATokenToKVPool.set_kv_buffer``, ``MLATokenToKVPool.set_mla_kv_buffer``).
+
+The backend-level tests drive ``TritonAttnBackend`` itself (``sglang_driver.py``): its
+``init_forward_metadata`` builds the lists, its ``forward_decode`` calls the kernel.
+"""
+
+import os
+
+import pytest
+
+import needs_sglang  # noqa: F401 - skips this module without SGLang
+
+import torch  # noqa: E402
+
+import sglang_driver as sd  # noqa: E402
+from sglang.kernels.ops.attention import decode_attention, extend_attention, flash_attention  # noqa: E402
+from sglang.kernels.ops.attention.kv_indices import create_flashinfer_kv_indices_triton  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool  # noqa: E402
+from tsan_paged import PagedSanitizer, PageTableViolation  # noqa: E402
+
+HEADS, KV_HEADS, DIM = 4, 2, 16
+SLOTS = 96  # KV pool rows (slot 0 is SGLang's padding slot)
+
+
+def slot_lists(lengths, seed=0, spare=16):
+    """Requests of ``lengths`` tokens, their slots written into a ``req_to_token`` table the way
+    the allocator does, and the CSR ``kv_indptr`` / ``kv_indices`` SGLang's kernel builds from
+    it (``kv_indices`` over-allocated by ``spare`` entries holding garbage, as SGLang leaves them)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, width = len(lengths), max(lengths) + 8
+    req_to_token = torch.zeros(batch + 2, width, dtype=torch.int32)
+    slots = torch.randperm(SLOTS - 1, generator=g)[: sum(lengths)] + 1
+    rows = torch.arange(1, batch + 1)
+    pt = 0
+    for row, n in zip(rows.tolist(), lengths):
+        req_to_token[row, :n] = slots[pt:pt + n].to(torch.int32)
+        pt += n
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    kv_indptr = torch.zeros(batch + 1, dtype=torch.int32)
+    kv_indptr[1:] = torch.cumsum(lens, 0)
+    kv_indices = torch.full((sum(lengths) + spare,), 10**9, dtype=torch.int64)  # never read
+    create_flashinfer_kv_indices_triton[(batch,)](req_to_token, rows, lens, kv_indptr, None, kv_indices,
+                                                  req_to_token.stride(0))
+    return kv_indptr, kv_indices
+
+
+def kv_buffers(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(SLOTS, KV_HEADS, DIM, generator=g), torch.randn(SLOTS, KV_HEADS, DIM, generator=g)
+
+
+def reference(q, k, v, slots, causal_from=None):
+    """Attention of ``q [n, H, D]`` over the KV rows ``slots`` (causal: query i sees the first
+    ``causal_from + i + 1`` of them)."""
+    keys = k[slots].repeat_interleave(HEADS // KV_HEADS, dim=1)
+    values = v[slots].repeat_interleave(HEADS // KV_HEADS, dim=1)
+    scores = torch.einsum("nhd,thd->nht", q, keys) * DIM ** -0.5
+    if causal_from is not None:
+        visible = torch.arange(len(slots))[None, :] <= causal_from + torch.arange(q.shape[0])[:, None]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("nht,thd->nhd", scores.softmax(-1), values)
+
+
+def decode(q, k, v, kv_indptr, kv_indices):
+    batch, splits = q.shape[0], 4
+    o = torch.empty(batch, HEADS, DIM)
+    logits, lse = torch.empty(batch, HEADS, splits, DIM), torch.empty(batch, HEADS, splits)
+    num_splits = torch.full((batch,), 2, dtype=torch.int32)
+    decode_attention.decode_attention_fwd(q, k, v, o, kv_indptr, kv_indices, logits, lse, num_splits, splits,
+                                          DIM ** -0.5, 1.0, 1.0)
+    return o
+
+
+def test_triton_decode_valid_lists_run_and_match_a_reference():
+    lengths = [5, 37, 1, 20]
+    kv_indptr, kv_indices = slot_lists(lengths)
+    k, v = kv_buffers()
+    q = torch.randn(len(lengths), HEADS, DIM, generator=torch.Generator().manual_seed(2))
+    with PagedSanitizer(mode="raise") as sanitizer:
+        o = decode(q, k, v, kv_indptr, kv_indices)
+    assert sanitizer.reports == []
+    for b in range(len(lengths)):
+        slots = kv_indices[kv_indptr[b]:kv_indptr[b + 1]]
+        torch.testing.assert_close(o[b], reference(q[b:b + 1], k, v, slots)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", [SLOTS, -3, 2**40])
+def test_triton_decode_planted_slot_caught_at_request_and_position(value):
+    lengths = [5, 37, 1, 20]
+    kv_indptr, kv_indices = slot_lists(lengths)
+    k, v = kv_buffers()
+    q = torch.randn(len(lengths), HEADS, DIM)
+    kv_indices[int(kv_indptr[1]) + 30] = value
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            decode(q, k, v, kv_indptr, kv_indices)
+    found = caught.value.violations[0]
+    assert (found.check, found.arg, found.index, found.value, found.bound) == (
+        "page-out-of-range", "kv_indices", (1, 30), value, SLOTS)
+    assert "slot 30 of the row" in found.message and "96 slots" in found.message
+
+
+def test_triton_decode_grouped_and_normal_variants_are_checked_directly():
+    """The backend keeps ``torch.compiler.disable(decode_attention_fwd)`` from its ``__init__``;
+    the variants it calls through module globals are targets too."""
+    kv_indptr, kv_indices = slot_lists([4, 9])
+    kv_indices[2] = SLOTS + 1
+    k, v = kv_buffers()
+    q = torch.randn(2, HEADS, DIM)
+    logits, lse = torch.empty(2, HEADS, 2, DIM), torch.empty(2, HEADS, 2)
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            decode_attention.decode_attention_fwd_grouped(q, k, v, torch.empty(2, HEADS, DIM), kv_indptr, kv_indices,
+                                                          logits, lse, torch.ones(2, dtype=torch.int32), 2,
+                                                          DIM ** -0.5, 1.0)
+    assert caught.value.violations[0].index == (0, 2)
+
+
+def extend_inputs(prefix, extend, seed=3):
+    kv_indptr, kv_indices = slot_lists(prefix, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    qo_indptr = torch.zeros(len(extend) + 1, dtype=torch.int64)
+    qo_indptr[1:] = torch.cumsum(torch.tensor(extend), 0)
+    tokens = int(qo_indptr[-1])
+    q = torch.randn(tokens, HEADS, DIM, generator=g)
+    k_new, v_new = torch.randn(tokens, KV_HEADS, DIM, generator=g), torch.randn(tokens, KV_HEADS, DIM, generator=g)
+    return q, k_new, v_new, qo_indptr, kv_indptr, kv_indices
+
+
+def run_extend(q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, k, v):
+    o = torch.empty_like(q)
+    extend_attention.extend_attention_fwd(q, k_new, v_new, o, k, v, qo_indptr, kv_indptr, kv_indices, None, True,
+                                          None, int((qo_indptr[1:] - qo_indptr[:-1]).max()), 1.0, 1.0)
+    return o
+
+
+def test_triton_extend_valid_prefix_lists_run_and_match_a_reference():
+    prefix, extend = [7, 0, 19], [3, 5, 2]
+    q, k_new, v_new, qo_indptr, kv_indptr, kv_indices = extend_inputs(prefix, extend)
+    k, v = kv_buffers()
+    with PagedSanitizer(mode="raise") as sanitizer:
+        o = run_extend(q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, k, v)
+    assert sanitizer.reports == []
+    for b, (p, n) in enumerate(zip(prefix, extend)):
+        rows = slice(int(qo_indptr[b]), int(qo_indptr[b + 1]))
+        keys = torch.cat([k[kv_indices[kv_indptr[b]:kv_indptr[b + 1]]], k_new[rows]])
+        values = torch.cat([v[kv_indices[kv_indptr[b]:kv_indptr[b + 1]]], v_new[rows]])
+        expected = reference(q[rows], keys, values, torch.arange(p + n), causal_from=p)
+        torch.testing.assert_close(o[rows], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_triton_extend_planted_prefix_slot_caught():
+    q, k_new, v_new, qo_indptr, kv_indptr, kv_indices = extend_inputs([7, 0, 19], [3, 5, 2])
+    kv_indices[int(kv_indptr[2]) + 11] = SLOTS + 5
+    k, v = kv_buffers()
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            run_extend(q, k_new, v_new, qo_indptr, kv_indptr, kv_indices, k, v)
+    found = caught.value.violations[0]
+    assert (found.check, found.index, found.value) == ("page-out-of-range", (2, 11), SLOTS + 5)
+
+
+def test_triton_extend_unified_lists_both_ways():
+    """``extend_attention_fwd_unified``: prefix and new tokens' slots in one list per request."""
+    kv_indptr, kv_indices = slot_lists([9, 14])  # prefix + extend, as build_unified_kv_indices lays them out
+    qo_indptr = torch.tensor([0, 2, 5], dtype=torch.int64)
+    prefix_lens = torch.tensor([7, 11], dtype=torch.int32)
+    k, v = kv_buffers()
+    q = torch.randn(5, HEADS, DIM)
+
+    def call():
+        extend_attention.extend_attention_fwd_unified(q, torch.empty_like(q), k, v, 1.0, 1.0, qo_indptr, kv_indptr,
+                                                      kv_indices, prefix_lens, 3)
+
+    with PagedSanitizer(mode="raise") as sanitizer:
+        call()
+    assert sanitizer.reports == []
+    kv_indices[int(kv_indptr[1]) + 13] = -1
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            call()
+    assert caught.value.violations[0].index == (1, 13)
+
+
+# -- FlashAttention 3 / 4 through SGLang's wrappers -----------------------------------------
+def fa_inputs(page_size, lengths=(5, 40, 17, 300), seed=4):
+    """A page table built the way the fa3 backend builds it (``flashattention_backend.py``:
+    ``req_to_token[req_pool_indices, :max_seq_len_k]``, then ``[:, ::page_size] // page_size``
+    for page_size > 1), from SGLang's allocator-style token slots."""
+    g = torch.Generator().manual_seed(seed)
+    pages = sum(-(-n // page_size) for n in lengths) + 8
+    max_len = max(lengths)
+    req_to_token = torch.zeros(len(lengths), max_len + page_size, dtype=torch.int32)
+    free = (torch.randperm(pages - 1, generator=g) + 1).tolist()
+    for b, n in enumerate(lengths):
+        for j in range(-(-n // page_size)):
+            page = free.pop()
+            req_to_token[b, j * page_size:(j + 1) * page_size] = torch.arange(page * page_size, (page + 1) * page_size)
+    page_table = req_to_token[:, :max_len]
+    if page_size > 1:
+        page_table = page_table[:, ::page_size] // page_size
+    cache = torch.randn(pages, page_size, KV_HEADS, DIM, generator=g)
+    return dict(q=torch.randn(len(lengths), HEADS, DIM, generator=g), k_cache=cache, v_cache=cache.clone(),
+                page_table=page_table.contiguous(), cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+                cu_seqlens_q=torch.arange(len(lengths) + 1, dtype=torch.int32), max_seqlen_q=1)
+
+
+REFUSAL = {3: (NotImplementedError, "flash_attention_v3.py"), 4: (ImportError, "flash_attention_v4.py")}
+
+
+def reaches_sglang_fa(ver, **kwargs):
+    """Call SGLang's FA entry; True when the wrapper of version ``ver`` itself refused the CPU."""
+    error, where = REFUSAL[ver]
+    with pytest.raises(error) as refused:
+        flash_attention.flash_attn_with_kvcache(ver=ver, **kwargs)
+    tb = refused.value.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.endswith(where)
+
+
+@pytest.mark.parametrize("ver", [3, 4])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_fa_valid_tables_pass_and_reach_the_wrapper(ver, page_size):
+    batch = fa_inputs(page_size)
+    with PagedSanitizer(mode="raise") as sanitizer:
+        assert reaches_sglang_fa(ver, **batch)
+    assert sanitizer.reports == []
+
+
+@pytest.mark.parametrize("ver", [3, 4])
+def test_fa_live_entry_caught_dead_entry_warned(ver):
+    batch = fa_inputs(16)
+    pages = batch["k_cache"].shape[0]
+    batch["page_table"][3, 18] = pages  # request 3 holds 300 tokens: 19 pages, column 18 is read
+    batch["page_table"][0, 5] = 10**6  # request 0 holds 5 tokens: column 5 is never read
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise") as sanitizer:
+            flash_attention.flash_attn_with_kvcache(ver=ver, **batch)
+    found = caught.value.violations[0]
+    assert (found.check, found.arg, found.index, found.value, found.bound) == (
+        "page-out-of-range", "page_table", (3, 18), pages, pages)
+    dead = [v for v in sanitizer.reports if v.check == "dead-page-out-of-range"]
+    assert [(v.index, v.severity) for v in dead] == [((0, 5), "warning")]
+
+
+def test_fa_window_skips_pages_only_below_the_largest_tile():
+    """A local window: pages wholly below ``S - 223`` tokens are dead for every tile FA3 may
+    use; those up to the window start may be loaded (a tile-rounded start) and are live."""
+    batch = fa_inputs(16, lengths=(600,), seed=5)
+    batch["q"] = batch["q"][:1]
+    pages = batch["k_cache"].shape[0]
+    window = 100  # S = 600 - 1 - 100 = 499 tokens skipped; 499 - 223 = 276 -> pages below 17 are dead
+    batch["page_table"][0, 16] = pages
+    batch["page_table"][0, 17] = pages + 1
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise") as sanitizer:
+            flash_attention.flash_attn_with_kvcache(ver=3, window_size=(window, 0), **batch)
+    assert [(v.check, v.index) for v in caught.value.violations] == [("page-out-of-range", (0, 17))]
+    assert [(v.check, v.index) for v in sanitizer.reports if v.severity == "warning"] == [
+        ("dead-page-out-of-range", (0, 16))]
+
+
+def test_fa_cache_batch_idx_form_is_reported_not_guessed():
+    batch = fa_inputs(16)
+    with PagedSanitizer(mode="log") as sanitizer:
+        reaches_sglang_fa(3, cache_batch_idx=torch.arange(4, dtype=torch.int32), **batch)
+    assert [(v.check, v.arg, v.severity) for v in sanitizer.reports] == [
+        ("unsupported-form", "cache_batch_idx", "warning")]
+
+
+# -- KV pool writes --------------------------------------------------------------------------
+def mha_pool(page_size):
+    return MHATokenToKVPool(64, page_size, torch.bfloat16, KV_HEADS, DIM, layer_num=1, device="cpu",
+                            enable_memory_saver=False)
+
+
+class Layer:  # what set_kv_buffer reads of a RadixAttention
+    layer_id = 0
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_pool_write_valid_slots_written_planted_slot_caught(page_size):
+    pool = mha_pool(page_size)
+    rows = pool.size + pool.page_size  # the buffers' rows: the pool reserves a padding page
+    loc = torch.tensor([1, 5, rows - 1, 0], dtype=torch.int64)
+    k = torch.randn(4, KV_HEADS, DIM).to(torch.bfloat16)
+    with PagedSanitizer(mode="raise") as sanitizer:
+        pool.set_kv_buffer(Layer(), loc, k, k.clone())
+    assert sanitizer.reports == []
+    assert torch.equal(pool.get_key_buffer(0)[rows - 1], k[2])
+    for bad in (rows, -1):
+        loc[1] = bad
+        with pytest.raises(PageTableViolation) as caught:
+            with PagedSanitizer(mode="raise"):
+                pool.set_kv_buffer(Layer(), loc, k, k.clone())
+        found = caught.value.violations[0]
+        assert (found.check, found.arg, found.index, found.value, found.bound) == (
+            "page-out-of-range", "loc", (1,), bad, rows)
+
+
+def test_mla_pool_write_checked():
+    from sglang.srt.runtime_context import get_parallel
+
+    pool = MLATokenToKVPool(64, page_size=1, dtype=torch.bfloat16, kv_lora_rank=32, qk_rope_head_dim=16,
+                            layer_num=1, device="cpu", enable_memory_saver=False)
+    nope, rope = torch.randn(2, 1, 32).to(torch.bfloat16), torch.randn(2, 1, 16).to(torch.bfloat16)
+    with get_parallel().override(attn_dcp_size=1, attn_dcp_rank=0):  # a server without decode context parallel
+        with PagedSanitizer(mode="raise") as sanitizer:
+            pool.set_mla_kv_buffer(Layer(), torch.tensor([3, 4]), nope, rope)
+        assert sanitizer.reports == []
+        with pytest.raises(PageTableViolation) as caught:
+            with PagedSanitizer(mode="raise"):
+                pool.set_mla_kv_buffer(Layer(), torch.tensor([3, 65]), nope, rope)
+    assert caught.value.violations[0].index == (1,)
+
+
+# -- the triton backend itself ---------------------------------------------------------------
+STEPS = int(os.environ.get("TSAN_PAGED_SGLANG_TRITON_STEPS", "25"))
+TRITON_CONFIGS = {"page1-full": dict(page_size=1), "page64-full": dict(page_size=64),
+                  "page64-swa": dict(page_size=64, swa=True)}
+
+
+def triton_scheduler(name, **kwargs):
+    engine = sd.make_engine(attention="triton", **TRITON_CONFIGS[name])
+    return sd.Scheduler(engine, seed=7, max_running=4, prompt=(1, 300), output=(1, 40), chunk=128,
+                        pad_batches=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(TRITON_CONFIGS))
+def test_triton_backend_realistic_sequence_has_no_reports(name):
+    scheduler = triton_scheduler(name)
+    with PagedSanitizer(mode="raise") as sanitizer:
+        stats = scheduler.run(STEPS)
+    assert stats.decode_steps > 0 and stats.calls > 0
+    assert sanitizer.reports == []
+
+
+def test_triton_backend_live_fault_caught_at_sglang_call():
+    """A stale slot in ``req_to_token`` inside a request's length (what the seed's bad table
+    held): SGLang's own metadata code copies it into ``kv_indices``, the decode call is stopped."""
+    scheduler = triton_scheduler("page64-full")
+    engine = scheduler.e
+    planted = []
+
+    def plant(reqs, seq_lens, tokens_per_req):  # before a decode step's tables are built
+        if not planted and len(reqs) > 1 and seq_lens[1] > 10:
+            engine.req_to_token[reqs[1].row, 3] = engine.pool.size + engine.page_size  # one past the pool
+            planted.append((1, 3))
+
+    scheduler.before_forward = plant
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            for _ in range(200):
+                scheduler.step()
+    found = caught.value.violations[0]
+    assert (found.check, found.arg) == ("page-out-of-range", "kv_indices")
+    assert found.index == planted[0]
+    assert "triton_backend.py" in found.caller
