@@ -434,3 +434,115 @@ def test_nested_xqa_call_is_not_reported_twice(monkeypatch):
                 workspace_buffer=args["workspace_buffer"], semaphores=args["workspace_buffer"], num_kv_heads=2,
                 page_size=16)
     assert [(v.op, v.index) for v in san.reports] == [("flashinfer.xqa:xqa", (2, 5))]
+
+
+# -- trtllm_batch_decode_with_kv_cache: the Cake routes (decode context parallel, request_order) --
+def cake_args(width=16, ps=16, num_pages=64, max_seq_len=200, lengths=(120, 7, 200, 64), seed=3):
+    table, lens = dense_batch(batch=len(lengths), width=width, page_size=ps, num_pages=num_pages,
+                              lengths=list(lengths), seed=seed, garbage=False)
+    cache = kv_pages(num_pages, ps)
+    return dict(query=torch.zeros(len(lengths), 8, 64, dtype=torch.bfloat16), kv_cache=(cache, cache),
+                workspace_buffer=torch.zeros(1024, dtype=torch.uint8), block_tables=table, seq_lens=lens,
+                max_seq_len=max_seq_len, backend="cake")
+
+
+def dcp(args):
+    return dict(args, causal_seqlens_kv_global=args["seq_lens"] * 2, cp_world=2, cp_rank=1)
+
+
+def test_dcp_reads_the_first_block_pairs_of_every_row():
+    """max_seq_len 200 -> 2 blocks of 128 tokens (a pair) -> 16 page ids per row at page 16,
+    whatever the row's own length; columns past them are never read."""
+    args = dcp(cake_args())
+    with PagedSanitizer(mode="raise") as san:
+        assert reached(flashinfer.decode.trtllm_batch_decode_with_kv_cache, **args)
+    assert san.reports == []
+    args["block_tables"][1, 15] = 64  # row 1 holds 7 tokens, but column 15 is read
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            flashinfer.decode.trtllm_batch_decode_with_kv_cache(**args)
+    v = caught.value.violations[0]
+    assert (v.check, v.index, v.value, v.bound) == ("page-out-of-range", (1, 15), 64, 64)
+
+
+def test_dcp_table_narrower_than_the_blocks_read_is_a_shape_finding():
+    args = dcp(cake_args(width=12))  # the kernels read 16 entries of each row
+    with PagedSanitizer(mode="log") as san:
+        reached(flashinfer.decode.trtllm_batch_decode_with_kv_cache, **args)
+    assert [(c, a, val, b) for c, a, _, val, b in found(san)] == [("shape-mismatch", "block_tables", 12, 16)]
+
+
+def test_request_order_entries_must_name_a_row():
+    args = dict(cake_args(), request_order=torch.tensor([2, 0, 3, 1], dtype=torch.int32))
+    with PagedSanitizer(mode="raise") as san:
+        assert reached(flashinfer.decode.trtllm_batch_decode_with_kv_cache, **args)
+    assert san.reports == []
+    args["request_order"][2] = 4
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            flashinfer.decode.trtllm_batch_decode_with_kv_cache(**args)
+    v = caught.value.violations[0]
+    assert (v.check, v.arg, v.index, v.value, v.bound) == ("page-out-of-range", "request_order", (2,), 4, 4)
+
+
+def test_request_order_rows_read_their_length():
+    args = dict(cake_args(), request_order=torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    args["block_tables"][0, 7] = 99  # row 0: 120 tokens = 8 pages at 16: column 7 is read
+    args["block_tables"][1, 3] = 99  # row 1: 7 tokens = 1 page: column 3 is not
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise") as san:
+            flashinfer.decode.trtllm_batch_decode_with_kv_cache(**args)
+    assert [v.index for v in caught.value.violations] == [(0, 7)]
+    assert [(v.check, v.index) for v in san.reports if v.severity == "warning"] == [
+        ("dead-page-out-of-range", (1, 3))]
+
+
+# -- cudnn_batch_decode_with_kv_cache -------------------------------------------------------
+def cudnn_args(width=8, ps=16, num_pages=64, lengths=(20, 100, 3)):
+    table, lens = dense_batch(batch=len(lengths), width=width, page_size=ps, num_pages=num_pages,
+                              lengths=list(lengths), garbage=False)
+    cache = kv_pages(num_pages, ps)
+    return dict(q=torch.zeros(len(lengths), 4, 64, dtype=torch.bfloat16), k_cache=cache, v_cache=cache, scale=0.1,
+                workspace_buffer=torch.zeros(1024, dtype=torch.uint8), max_sequence_kv=width * ps,
+                actual_seq_lens_kv=lens.view(-1, 1, 1, 1), block_tables=table)
+
+
+def test_cudnn_decode_whole_rows_and_lengths():
+    args = cudnn_args()
+    with PagedSanitizer(mode="raise") as san:
+        assert reached(flashinfer.cudnn_batch_decode_with_kv_cache, **args)
+    assert san.reports == []
+    args["block_tables"][2, 6] = -1  # past row 2's 3 tokens: cuDNN's region is not known, the row counts
+    args["actual_seq_lens_kv"][1] = 200
+    with PagedSanitizer(mode="log") as san:
+        reached(flashinfer.cudnn_batch_decode_with_kv_cache, **args)
+    assert {(c, i) for c, _, i, _, _ in found(san)} == {
+        ("page-out-of-range", (2, 6)), ("seq-len-exceeds-max", (1,)), ("seq-len-exceeds-table", (1,))}
+
+
+def test_cudnn_decode_row_width_must_match_the_fallback_stride():
+    args = cudnn_args()
+    args["max_sequence_kv"] = 6 * 16
+    with PagedSanitizer(mode="log") as san:
+        reached(flashinfer.cudnn_batch_decode_with_kv_cache, **args)
+    assert ("bad-layout", "block_tables", None, 8, 6) in found(san)
+
+
+# -- BatchMLAPagedAttentionWrapper.plan (run needs a GPU: plan refuses a CPU after the check) --
+def test_mla_wrapper_plan_checks_the_csr_list_then_reaches_flashinfer():
+    wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(torch.empty(1 << 20, dtype=torch.uint8), backend="fa2")
+    kv_len = torch.tensor([3, 5], dtype=torch.int32)
+    indptr, indices = torch.tensor([0, 3, 8], dtype=torch.int32), torch.arange(10, dtype=torch.int32)
+
+    def plan(indptr):
+        wrapper.plan(torch.arange(3, dtype=torch.int32), indptr, indices, kv_len, 16, 512, 64, 1, False, 0.1,
+                     torch.bfloat16, torch.bfloat16)
+
+    with PagedSanitizer(mode="raise") as san:
+        assert reached(plan, indptr)
+    assert san.reports == []
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            plan(torch.tensor([0, 3, 11], dtype=torch.int32))  # past the 10 entries of kv_indices
+    v = caught.value.violations[0]
+    assert (v.check, v.arg) == ("shape-mismatch", "kv_indptr")

@@ -33,7 +33,7 @@ import torch
 
 from .. import checks
 from .. import tracking
-from ..access import Buffer, CsrPages, HostCheck, PageTable, Writes
+from ..access import Buffer, CsrPages, HostCheck, PageTable, Slots, Writes
 from ..registry import rule
 from ..report import Violation
 
@@ -149,6 +149,8 @@ _DECODE_READS = ("query", "kv_cache", "block_tables", "seq_lens", "max_seq_len",
 
 @rule(TRTLLM_DECODE, name="flashinfer.trtllm_batch_decode_with_kv_cache", reads=_DECODE_READS)
 def trtllm_batch_decode_with_kv_cache(call):
+    if call.get("causal_seqlens_kv_global") is not None or call.get("request_order") is not None:
+        return _cake_decode(call)  # Blackwell (sm100/103) Cake routes: their own regions
     arguments = call.read(_DECODE_READS)
     (query, kv_cache, table, lengths, max_seq_len, window_left, kv_layout, backend, q_len_per_req,
      max_q_len, cum_seq_lens_q, shared, sparse) = arguments
@@ -287,6 +289,8 @@ XQA_MLA_RAW = "flashinfer.xqa:xqa_mla"
 DECODE_WRAPPER = "flashinfer.decode:BatchDecodeWithPagedKVCacheWrapper"
 PREFILL_WRAPPER = "flashinfer.prefill:BatchPrefillWithPagedKVCacheWrapper"
 APPEND_PAGED_KV = "flashinfer.page:append_paged_kv_cache"
+CUDNN_DECODE = "flashinfer.cudnn.decode:cudnn_batch_decode_with_kv_cache"
+MLA_WRAPPER = "flashinfer.mla._batch_mla._wrapper:BatchMLAPagedAttentionWrapper"
 
 
 def _check_table(found, *, table, table_arg, lengths, lengths_arg, batch, pages, page_size, device,
@@ -613,3 +617,143 @@ def append_paged_kv_cache(call):
         *min(((k_name, int(k.shape[0])), (v_name, int(v.shape[0]))), key=lambda p: p[1]))
     return found + [CsrPages(indptr, indices, (buffer,), last_page_len, page_size, *_APPEND_NAMES,
                              writes=Writes(batch_idx, positions, nnz), guard=None)]
+
+
+# -- the Cake decode routes of trtllm_batch_decode_with_kv_cache --------------------------
+# Decode context parallel and request_order (flashinfer/decode.py, 0.7.2.post1, near lines
+# 3920-3977 and 4036-4443; both run Cake kernels, shared [B, W] table, HND cache):
+# - DCP (causal_seqlens_kv_global given): rank-local caches; the static kernels
+#   (data/csrc/cake_fmha/cuda/dcp_spec/...) walk ceil(max_seq_len / 128) 128-token blocks rounded
+#   up to pairs for EVERY request, reading 128 / ps page ids per block from the row start with no
+#   clamp to the row width: columns [0, (128 / ps) * 2 * ceil(ceil(max_seq_len / 128) / 2)) of
+#   each row (seq_lens is not what bounds the reads; max_seq_len is the largest rank-local length).
+#   A narrower table is read into the next row: a shape finding.
+# - request_order [B]: launch slot -> logical request; every read uses the logical index, so
+#   entries must lie in [0, B); request b reads columns j < ceil(seq_lens[b] / ps) (the
+#   request-ordered kernel), and seq_lens[b] < q_len_per_req makes it read one entry before the row.
+CAKE_BLOCK_TOKENS = 128
+
+
+def _cake_decode(call):
+    query, kv_cache, table, lengths, max_seq_len, kv_layout = (
+        call[n] for n in ("query", "kv_cache", "block_tables", "seq_lens", "max_seq_len", "kv_layout"))
+    k, v, k_name, v_name, page_size, found = split_kv_cache(kv_cache, kv_layout)
+    if k is None:
+        return found
+    if not _dtypes_and_devices(found, query.device, table, lengths, others=((k, k_name), (v, v_name))):
+        return found
+    if table.dim() != 2:
+        return found + [Violation("shape-mismatch", "block_tables", f"block_tables has shape {tuple(table.shape)}; "
+                                  "the Cake decode routes take a shared [batch, W] table", value=tuple(table.shape))]
+    found += checks.check_packed_rows(table, "block_tables")
+    batch, width = int(table.shape[0]), int(table.shape[1])
+    buffer = Buffer("kv_cache", min(int(k.shape[0]), int(v.shape[0])))
+    order = call.get("request_order")
+    if order is not None:
+        if tuple(order.shape) != (batch,):
+            return found + [Violation("shape-mismatch", "request_order", f"request_order has shape "
+                                      f"{tuple(order.shape)}, block_tables implies ({batch},)",
+                                      value=tuple(order.shape), bound=(batch,))]
+        rows = Slots(order, "request_order", Buffer("block_tables rows", batch), guard=None, negative_skipped=False)
+        return found + [rows, PageTable(table, "block_tables", (buffer,), page_size, lengths=lengths,
+                                        max_len=max_seq_len, guard=None)]
+    blocks = -(-max(int(max_seq_len), 0) // CAKE_BLOCK_TOKENS)
+    columns = max(CAKE_BLOCK_TOKENS // page_size, 1) * 2 * -(-blocks // 2)
+    if columns > width:
+        return found + [Violation("shape-mismatch", "block_tables", f"block_tables rows hold {width} pages; with "
+                                  f"max_seq_len = {max_seq_len} the DCP kernels read the first {columns} entries of "
+                                  "every row (whole 128-token block pairs, unclamped): past each row's end",
+                                  value=width, bound=columns)]
+    return found + [PageTable(table[:, :columns], "block_tables", (buffer,), page_size, whole_row=True, guard=None)]
+
+
+# -- cudnn_batch_decode_with_kv_cache (flashinfer/cudnn/decode.py) -------------------------
+# k_cache / v_cache HND [P, H, ps, D]; block_tables [B, pages_per_seq] int32, bound as the K and
+# the V table; actual_seq_lens_kv [B] (the wrapper passes [B, 1, 1, 1]). The cuDNN graph is
+# closed source: the whole row counts as read (as for trtllm-gen). The cubin fallback (no cuDNN
+# frontend) strides rows by max_sequence_kv // ps, not the table's width (its launcher,
+# cudnn_sdpa_kernel_launcher.cu): a table whose rows are not exactly that wide is misread.
+_CUDNN_READS = ("q", "k_cache", "v_cache", "max_sequence_kv", "actual_seq_lens_kv", "block_tables")
+
+
+@rule(CUDNN_DECODE, name="flashinfer.cudnn_batch_decode_with_kv_cache", reads=_CUDNN_READS)
+def cudnn_batch_decode_with_kv_cache(call):
+    q, k, v, max_kv, lengths, table = call.read(_CUDNN_READS)
+    if table is None:
+        return []  # not paged
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        return [Violation("shape-mismatch", "v_cache", f"k_cache {tuple(k.shape)} and v_cache {tuple(v.shape)} must "
+                          "be HND pages [P, H, ps, D] of one page count and size", value=tuple(v.shape))]
+    page_size = int(k.shape[2])
+    if lengths is not None:
+        lengths = lengths.reshape(-1)
+    found = _check_table([], table=table, table_arg="block_tables", lengths=lengths,
+                         lengths_arg="actual_seq_lens_kv", batch=None, pages=[("k_cache", int(k.shape[0]))],
+                         page_size=page_size, device=q.device, whole_row=True, max_len=max_kv,
+                         max_len_arg="max_sequence_kv")
+    if table.dim() == 2 and table.shape[1] != max_kv // page_size:
+        found.append(Violation("bad-layout", "block_tables", f"block_tables rows hold {table.shape[1]} pages; the "
+                               f"cuDNN fallback kernel strides rows by max_sequence_kv // page_size = "
+                               f"{max_kv // page_size}", value=int(table.shape[1]), bound=max_kv // page_size))
+    return found + checks.check_packed_rows(table, "block_tables")
+
+
+# -- BatchMLAPagedAttentionWrapper (flashinfer/mla/_batch_mla/, 0.7.2.post1) ---------------
+# plan() takes a flat CSR list (qo_indptr, kv_indptr, kv_indices, kv_len_arr, ..., page_size:
+# what SGLang's flashinfer MLA backend passes, page_size 1), a dense form (block_tables, seq_lens)
+# or metadata=MLAPlanMetadata; it hands them to the backend it picks, and run() reads that
+# backend's copies (wrapper._planned_backend):
+# - fa2 / fa3 (_backends/_fa_common.py): _kv_indices_buf at each run, with kv_indptr / kv_len
+#   baked into the plan: request b reads kv_indices[kv_indptr[b] : kv_indptr[b] + ceil(kv_len[b] /
+#   ps)] (include/flashinfer/attention/mla.cuh load_kv, guarded by packed_kv_bound), which plan()
+#   requires to be the row (strict CSR) -> the CSR rows of _kv_indptr_buf / _kv_indices_buf;
+# - xqa: _block_tables rows, j < ceil(seq_lens / ps) (mla_sm120.cu); trtllm-gen (closed cubins),
+#   cutlass (whole 128-token tiles of page ids) and cutile: the whole row counts as read.
+# Cache pages: ckv_cache / kv_cache dim 0 ([num_pages, page_size, dim]).
+_MLA_PLAN_READS = ("self", "kv_indptr", "kv_indices", "kv_len_arr", "page_size", "block_tables", "seq_lens",
+                   "metadata")
+
+
+@rule(f"{MLA_WRAPPER}.plan", name="flashinfer.BatchMLAPagedAttentionWrapper.plan", reads=_MLA_PLAN_READS)
+def batch_mla_wrapper_plan(call):
+    _, indptr, indices, kv_len, page_size, table, lengths, metadata = call.read(_MLA_PLAN_READS)
+    unknown_pages = (Buffer("kv_cache", NO_PAGE_BOUND),)  # the cache comes at run(): structure only
+    if indptr is not None and indices is not None:
+        return [CsrPages(indptr, indices, unknown_pages, page_size=page_size, indptr_arg="kv_indptr",
+                         indices_arg="kv_indices")]
+    if table is not None and lengths is not None and page_size:
+        return _check_table([], table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
+                            batch=None, pages=[("kv_cache", NO_PAGE_BOUND)], page_size=page_size,
+                            device=table.device)
+    return []  # metadata=MLAPlanMetadata: checked at run(), against the backend's copies
+
+
+_MLA_RUN_READS = ("self", "ckv_cache", "kv_cache", "kv_len", "page_table")
+
+
+@rule(f"{MLA_WRAPPER}.run", name="flashinfer.BatchMLAPagedAttentionWrapper.run", reads=_MLA_RUN_READS)
+def batch_mla_wrapper_run(call):
+    wrapper, ckv_cache, kv_cache, kv_len, page_table = call.read(_MLA_RUN_READS)
+    backend = getattr(wrapper, "_planned_backend", None)
+    cache = kv_cache if isinstance(kv_cache, torch.Tensor) else ckv_cache
+    if backend is None or not isinstance(cache, torch.Tensor):
+        return []  # not planned, or no cache: the library raises its own error
+    page_size = getattr(backend, "_page_size", None)
+    buffer = Buffer("kv_cache" if cache is kv_cache else "ckv_cache", int(cache.shape[0]))
+    indptr, indices = getattr(backend, "_kv_indptr_buf", None), getattr(backend, "_kv_indices_buf", None)
+    if isinstance(indptr, torch.Tensor) and isinstance(indices, torch.Tensor):
+        return [CsrPages(indptr, indices, (buffer,), page_size=page_size, indptr_arg="kv_indptr",
+                         indices_arg="kv_indices")]
+    table = page_table if page_table is not None else getattr(backend, "_block_tables", None)
+    if table is None:
+        table = getattr(backend, "_page_table", None)
+    lengths = kv_len if kv_len is not None else getattr(backend, "_seq_lens", None)
+    if lengths is None:
+        lengths = getattr(backend, "_seq_lens_2d", getattr(backend, "_kv_len", None))
+    name = getattr(wrapper, "_planned_backend_name", None) or type(backend).__name__
+    if not isinstance(table, torch.Tensor) or not isinstance(lengths, torch.Tensor) or not page_size:
+        return [checks.unsupported_form(call.target, "self", f"the planned backend {name!r} keeps no page table "
+                                        "this rule knows")]
+    return _check_table([], table=table, table_arg="block_tables", lengths=lengths.reshape(-1),
+                        lengths_arg="seq_lens", batch=None, pages=[(buffer.name, buffer.pages)], page_size=page_size,
+                        device=table.device, whole_row=name != "xqa", guard=-1 if name == "xqa" else 0)
