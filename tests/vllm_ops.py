@@ -2,7 +2,8 @@
 
 Schemas copied from vLLM's ``csrc/torch_bindings.cpp``; layouts from its kernels:
 ``key_cache [num_blocks, H, D/x, block_size, x]``, ``value_cache [num_blocks, H, D, block_size]``
-(paged attention, reshape_and_cache), ``[num_blocks, block_size, H, D]`` (reshape_and_cache_flash).
+(paged attention, reshape_and_cache), ``[num_blocks, block_size, H, D]`` (reshape_and_cache_flash),
+``[num_blocks, block_size, kv_lora_rank + pe_dim]`` (concat_and_cache_mla).
 """
 
 import torch
@@ -22,6 +23,8 @@ _CACHE.define("reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Te
               "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()")
 _CACHE.define("reshape_and_cache_flash(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
               "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()")
+_CACHE.define("concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor! kv_cache, Tensor slot_mapping, "
+              "str kv_cache_dtype, Tensor scale, bool skip_scale=False) -> ()")
 
 
 def paged_attention_v1(out, query, key_cache, value_cache, num_kv_heads, scale, block_tables, seq_lens,
@@ -61,7 +64,17 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, kv
     value_cache.view(-1, *value_cache.shape[2:])[slots] = value[:tokens][live]
 
 
+def concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, skip_scale=False):
+    """``csrc/cache_kernels.cu``: token t's latent and rope parts to slot ``slot_mapping[t]`` of
+    ``kv_cache [num_blocks, block_size, kv_lora_rank + pe_dim]``; negative slots skipped."""
+    tokens = slot_mapping.shape[0]
+    live = slot_mapping >= 0
+    rows = kv_cache.view(-1, kv_cache.shape[2])
+    rows[slot_mapping[live].long()] = torch.cat([kv_c[:tokens], k_pe[:tokens]], dim=-1)[live].to(kv_cache.dtype)
+
+
 _C.impl("paged_attention_v1", paged_attention_v1, "CPU")
 _C.impl("paged_attention_v2", paged_attention_v2, "CPU")
 _CACHE.impl("reshape_and_cache", reshape_and_cache, "CPU")
 _CACHE.impl("reshape_and_cache_flash", reshape_and_cache_flash, "CPU")
+_CACHE.impl("concat_and_cache_mla", concat_and_cache_mla, "CPU")
