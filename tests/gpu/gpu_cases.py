@@ -457,3 +457,141 @@ def unrunnable_calls(dev="cuda") -> dict:
             "flashinfer.mla._core:trtllm_batch_decode_with_kv_cache_mla": (mla, plant_live),
             "flashinfer.mla._core:xqa_batch_decode_with_kv_cache_mla": (dict(mla), plant_live),
             "flashinfer.xqa:xqa_mla": (xqa_mla, plant_live)}
+
+
+# -- the rules of issue 12, checked alone: SGLang's and vLLM's entry points do not install on the
+# GPU machine, FlashInfer's cuDNN / Cake / MLA-wrapper paths need cuDNN or sm100 -------------------
+
+def checked_alone(dev="cuda") -> dict:
+    """``{label: (target, arguments, plant)}``: each rule's arguments bound by name as the
+    library's signature binds them (every name the rule reads), built with the library's shapes.
+    What is exercised is the sanitizer's check of the call (rule + device kernel), captured."""
+    from types import SimpleNamespace
+
+    g = torch.Generator(device=dev).manual_seed(12)
+    i32 = dict(dtype=torch.int32, device=dev)
+    cases = {}
+
+    # SGLang triton decode / extend: CSR lists of token slots (over-allocated kv_indices)
+    slots = 4096
+    k_buffer = torch.zeros(slots, 2, 64, device=dev, dtype=torch.bfloat16)
+    lens = torch.tensor([300, 17, 900, 64], **i32)
+    indptr = torch.zeros(5, **i32)
+    indptr[1:] = torch.cumsum(lens, 0)
+    indices = torch.randint(1, slots, (int(lens.sum()) + 256,), generator=g, device=dev, dtype=torch.int64)
+
+    def plant_slot():
+        indices[300 + 5] = slots
+        return ("page-out-of-range", (1, 5), slots, slots)
+
+    q = torch.zeros(4, 8, 64, device=dev, dtype=torch.bfloat16)
+    cases["sglang decode_attention_fwd"] = ("sglang.kernels.ops.attention.decode_attention:decode_attention_fwd",
+                                            dict(q=q, k_buffer=k_buffer, v_buffer=k_buffer, kv_indptr=indptr,
+                                                 kv_indices=indices), plant_slot)
+    cases["sglang extend_attention_fwd"] = ("sglang.kernels.ops.attention.extend_attention:extend_attention_fwd",
+                                            dict(q_extend=torch.zeros(8, 8, 64, device=dev), k_buffer=k_buffer,
+                                                 v_buffer=k_buffer, qo_indptr=torch.tensor([0, 2, 4, 6, 8], **i32),
+                                                 kv_indptr=indptr, kv_indices=indices, skip_prefix=False,
+                                                 identity_kv_indices=False), plant_slot)
+
+    # FlashAttention 3 / 4 through SGLang's wrappers, vLLM's FA and Triton unified attention
+    pages, ps = 512, 16
+    cache = torch.zeros(pages, ps, 2, 64, device=dev, dtype=torch.bfloat16)
+    table = torch.randint(0, pages, (4, 64), generator=g, **i32)
+    seqlens = torch.tensor([300, 17, 1000, 64], **i32)
+
+    def plant_page():
+        table[2, 62] = pages  # 1000 tokens: 63 pages, column 62 is read
+        return ("page-out-of-range", (2, 62), pages, pages)
+
+    fa = dict(q=q, k_cache=cache, v_cache=cache, k=None, cache_seqlens=seqlens, cache_batch_idx=None,
+              cache_leftpad=None, page_table=table, cu_seqlens_q=torch.arange(5, **i32), cu_seqlens_k_new=None,
+              max_seqlen_q=1, window_size=(-1, -1))
+    cases["sglang fa3 flash_attn_with_kvcache"] = (
+        "sglang.kernels.ops.attention.flash_attention:flash_attn_with_kvcache", dict(fa, ver=3), plant_page)
+    cases["sglang fa4 flash_attn_with_kvcache"] = (
+        "sglang.kernels.ops.attention.flash_attention_v4:flash_attn_with_kvcache", fa, plant_page)
+    vllm_fa = dict(q=q, k=cache, v=cache, max_seqlen_q=1, cu_seqlens_q=torch.arange(5, **i32), seqused_k=seqlens,
+                   window_size=None, block_table=table, fa_version=3)
+    cases["vllm flash_attn_varlen_func"] = ("vllm.vllm_flash_attn.flash_attn_interface:flash_attn_varlen_func",
+                                            vllm_fa, plant_page)
+    cases["vllm unified_attention"] = ("vllm.v1.attention.ops.triton_unified_attention:unified_attention",
+                                       dict(q=q, k=cache, v=cache, cu_seqlens_q=torch.arange(5, **i32),
+                                            max_seqlen_q=1, seqused_k=seqlens, window_size=(-1, -1),
+                                            block_table=table), plant_page)
+
+    # FlashMLA dense decode ([num_blocks, 64, 1, 576]; column 0 read at length 0)
+    mla_pages = 300
+    mla_table = torch.randint(0, mla_pages, (4, 20), generator=g, **i32)
+    mla_lens = torch.tensor([64 * 20, 0, 65, 7], **i32)
+
+    def plant_mla():
+        mla_table[1, 0] = mla_pages
+        return ("page-out-of-range", (1, 0), mla_pages, mla_pages)
+
+    cases["flash_mla_with_kvcache"] = ("flash_mla.flash_mla_interface:flash_mla_with_kvcache",
+                                       dict(q=torch.zeros(4, 1, 16, 576, device=dev, dtype=torch.bfloat16),
+                                            k_cache=torch.zeros(mla_pages, 64, 1, 576, device=dev,
+                                                                dtype=torch.bfloat16),
+                                            block_table=mla_table, cache_seqlens=mla_lens), plant_mla)
+
+    # KV writes: SGLang's pool (negative slots out of range), vLLM's concat_and_cache_mla (skipped)
+    loc = torch.randint(1, 1024, (8,), generator=g, device=dev, dtype=torch.int64)
+
+    def plant_loc():
+        loc[6] = -1
+        return ("page-out-of-range", (6,), -1, 1024 + 64)
+
+    cases["sglang MHATokenToKVPool.set_kv_buffer"] = (
+        "sglang.srt.mem_cache.memory_pool:MHATokenToKVPool.set_kv_buffer",
+        dict(self=SimpleNamespace(size=1024, page_size=64), loc_info=loc), plant_loc)
+    slot_mapping = torch.randint(0, 64 * 16, (8,), generator=g, device=dev, dtype=torch.int64)
+    slot_mapping[3] = -1
+
+    def plant_mla_slot():
+        slot_mapping[5] = 64 * 16
+        return ("page-out-of-range", (5,), 64 * 16, 64 * 16)
+
+    cases["vllm concat_and_cache_mla"] = (
+        "_C_cache_ops::concat_and_cache_mla",
+        dict(kv_c=torch.zeros(8, 512, device=dev), k_pe=torch.zeros(8, 64, device=dev),
+             kv_cache=torch.zeros(64, 16, 576, device=dev), slot_mapping=slot_mapping, kv_cache_dtype="auto",
+             scale=torch.ones(1, device=dev), skip_scale=False), plant_mla_slot)
+
+    # FlashInfer: cuDNN decode (whole rows), the Cake routes, the MLA wrapper's run (fa2/fa3 CSR)
+    hnd = torch.zeros(pages, 2, ps, 64, device=dev, dtype=torch.bfloat16)
+
+    def plant_whole_row():
+        table[1, 63] = pages  # cuDNN: the whole row counts as read
+        return ("page-out-of-range", (1, 63), pages, pages)
+
+    cases["flashinfer cudnn_batch_decode_with_kv_cache"] = (
+        "flashinfer.cudnn.decode:cudnn_batch_decode_with_kv_cache",
+        dict(q=q, k_cache=hnd, v_cache=hnd, max_sequence_kv=64 * ps, actual_seq_lens_kv=seqlens.view(-1, 1, 1, 1),
+             block_tables=table), plant_whole_row)
+    cake = dict(query=q, kv_cache=(hnd, hnd), block_tables=table, seq_lens=seqlens, max_seq_len=1000,
+                kv_layout="HND")
+
+    def plant_dcp():
+        table[1, 60] = pages  # max_seq_len 1000 -> 8 blocks of 128 -> 64 columns of every row
+        return ("page-out-of-range", (1, 60), pages, pages)
+
+    cases["flashinfer trtllm decode, context parallel"] = (
+        "flashinfer.decode:trtllm_batch_decode_with_kv_cache",
+        dict(cake, causal_seqlens_kv_global=seqlens * 2, request_order=None), plant_dcp)
+    order = torch.tensor([3, 1, 0, 2], **i32)
+
+    def plant_order():
+        order[0] = 4
+        return ("page-out-of-range", (0,), 4, 4)
+
+    cases["flashinfer trtllm decode, request_order"] = (
+        "flashinfer.decode:trtllm_batch_decode_with_kv_cache",
+        dict(cake, causal_seqlens_kv_global=None, request_order=order), plant_order)
+    backend = SimpleNamespace(_kv_indptr_buf=indptr, _kv_indices_buf=indices, _page_size=1)
+    cases["flashinfer BatchMLAPagedAttentionWrapper.run"] = (
+        "flashinfer.mla._batch_mla._wrapper:BatchMLAPagedAttentionWrapper.run",
+        dict(self=SimpleNamespace(_planned_backend=backend, _planned_backend_name="fa3"),
+             ckv_cache=torch.zeros(slots, 1, 512, device=dev, dtype=torch.bfloat16), kv_cache=None, kv_len=None,
+             page_table=None), plant_slot)
+    return cases

@@ -244,3 +244,39 @@ def test_rules_of_kernels_that_do_not_run_on_sm90_check_in_graphs(target):
         torch.cuda.synchronize()
         san.flush()
     assert expected in found(errors(san)), found(san.reports)
+
+
+ALONE = ["sglang decode_attention_fwd", "sglang extend_attention_fwd", "sglang fa3 flash_attn_with_kvcache",
+         "sglang fa4 flash_attn_with_kvcache", "vllm flash_attn_varlen_func", "vllm unified_attention",
+         "flash_mla_with_kvcache", "sglang MHATokenToKVPool.set_kv_buffer", "vllm concat_and_cache_mla",
+         "flashinfer cudnn_batch_decode_with_kv_cache", "flashinfer trtllm decode, context parallel",
+         "flashinfer trtllm decode, request_order", "flashinfer BatchMLAPagedAttentionWrapper.run"]
+
+
+@pytest.mark.parametrize("label", ALONE)
+def test_rules_checked_alone_capture_replay_and_find_a_planted_fault(label):
+    """The rules for SGLang's and vLLM's kernels (which do not install here) and FlashInfer's
+    cuDNN / Cake / MLA-wrapper paths: the check the sanitizer makes in front of the kernel, with
+    the arguments bound by name, is captured and replayed (no sync), quiet on valid tables, and
+    finds a fault planted after capture."""
+    from gpu_cases import checked_alone
+
+    target, arguments, plant = checked_alone()[label]
+    with PagedSanitizer(mode="log") as san:
+        def check():
+            san._check_and_act(target, san._rules[target], arguments, ())
+
+        check()
+        torch.cuda.synchronize()
+        san.flush()
+        assert san.reports == [], found(san.reports)
+        graph = capture(check)
+        no_sync(lambda: [graph.replay() for _ in range(3)])
+        torch.cuda.synchronize()
+        san.flush()
+        assert san.reports == []
+        expected = plant()
+        no_sync(graph.replay)
+        torch.cuda.synchronize()
+        san.flush()
+    assert expected in found(errors(san)), found(san.reports)
