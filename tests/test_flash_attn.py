@@ -213,3 +213,18 @@ def test_argument_checks(fa, mutate, check, arg, value, bound):
             pass  # the CPU module refuses or trips on it, as the CUDA one would
     [v] = [v for v in san.reports if v.check == check]
     assert (v.arg, v.value, v.bound) == (arg, value, bound)
+
+
+@pytest.mark.parametrize("seqlen_new, guard", [(0, 0), (3, None)])
+def test_appending_new_tokens_leaves_no_guard_value(fa, seqlen_new, guard):
+    """New k / v are WRITTEN through the table: rewriting a bad entry to page 0 (the device's
+    guard action) would overwrite page 0, so such a call has no guard (it traps or reports)."""
+    from tsan_paged.access import PageTable
+    from tsan_paged.registry import Call, SignatureBinder, registry
+    from tsan_paged.rules.flash_attn import FLASH_ATTN_WITH_KVCACHE
+
+    args = kvcache_batch(seqlen_q=max(seqlen_new, 1), seqlen_new=seqlen_new)
+    arguments = SignatureBinder(fa.flash_attn_interface.flash_attn_with_kvcache).bind((), args)
+    [rule] = registry.for_target(FLASH_ATTN_WITH_KVCACHE)
+    [access] = [a for a in rule.check(Call(FLASH_ATTN_WITH_KVCACHE, arguments)) if isinstance(a, PageTable)]
+    assert access.guard == guard and access.length_offset == seqlen_new

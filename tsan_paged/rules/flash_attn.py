@@ -38,7 +38,7 @@ _READS = ("q", "k_cache", "v_cache", "k", "cache_seqlens", "block_table", "windo
 
 
 def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, lengths, lengths_arg="cache_seqlens",
-                    new_tokens=0, q_len=1, window_left=-1, max_tile=0, lengths_optional=True,
+                    new_tokens=0, q_len=1, window_left=-1, max_tile=0, writes=False,
                     cache_args=("k_cache", "v_cache")) -> list:
     """The findings and the :class:`PageTable` of a FlashAttention paged-KV call (FA2, FA3, FA4
     and the forks SGLang and vLLM ship: they read a page table the same way).
@@ -51,7 +51,9 @@ def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, length
     multiple of the tile (FA2: the first page read is ``floor(S / page_size)``), else the
     largest ``kBlockN`` of the kernel's configurations, which bounds the first page read from
     below by ``floor((S - max_tile + 1) / page_size)`` (pages before it are dead for every tile).
-    ``q_len``: the query rows of a request (the largest, for ragged queries).
+    ``q_len``: the query rows of a request (the largest, for ragged queries). ``writes``: the
+    kernel writes new tokens through the table (no guard value is safe: page 0 would be
+    overwritten).
     """
     found = []
     k_arg, v_arg = cache_args
@@ -97,7 +99,7 @@ def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, length
         tile = 0
     return found + [PageTable(table, table_arg, (Buffer(caches[0][1], num_pages),), page_size, lengths=lengths, lengths_arg=lengths_arg,
                               length_offset=int(new_tokens), window_left=int(window_left), q_len=int(q_len), tile=tile,
-                              only=None if check_lengths else PAGE_CHECKS)]
+                              guard=None if writes else 0, only=None if check_lengths else PAGE_CHECKS)]
 
 
 PAGE_CHECKS = frozenset({"page-out-of-range", "dead-page-out-of-range"})
@@ -123,4 +125,5 @@ def flash_attn_with_kvcache(call):
     new_tokens = int(k_new.shape[1]) if isinstance(k_new, torch.Tensor) and lengths is not None else 0
     return found + paged_kv_access(device=q.device, batch=q.shape[0], k_cache=k_cache, v_cache=v_cache, table=table,
                                    table_arg="block_table", lengths=lengths, new_tokens=new_tokens,
-                                   q_len=int(q.shape[1]), window_left=window[0] if window is not None else -1)
+                                   q_len=int(q.shape[1]), window_left=window[0] if window is not None else -1,
+                                   writes=isinstance(k_new, torch.Tensor))

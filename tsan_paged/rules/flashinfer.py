@@ -656,7 +656,7 @@ def _cake_decode(call):
                                       value=tuple(order.shape), bound=(batch,))]
         rows = Slots(order, "request_order", Buffer("block_tables rows", batch), guard=None, negative_skipped=False)
         return found + [rows, PageTable(table, "block_tables", (buffer,), page_size, lengths=lengths,
-                                        max_len=max_seq_len, guard=None)]
+                                        max_len=max_seq_len)]
     blocks = -(-max(int(max_seq_len), 0) // CAKE_BLOCK_TOKENS)
     columns = max(CAKE_BLOCK_TOKENS // page_size, 1) * 2 * -(-blocks // 2)
     if columns > width:
@@ -664,7 +664,7 @@ def _cake_decode(call):
                                   f"max_seq_len = {max_seq_len} the DCP kernels read the first {columns} entries of "
                                   "every row (whole 128-token block pairs, unclamped): past each row's end",
                                   value=width, bound=columns)]
-    return found + [PageTable(table[:, :columns], "block_tables", (buffer,), page_size, whole_row=True, guard=None)]
+    return found + [PageTable(table[:, :columns], "block_tables", (buffer,), page_size, whole_row=True)]
 
 
 # -- cudnn_batch_decode_with_kv_cache (flashinfer/cudnn/decode.py) -------------------------

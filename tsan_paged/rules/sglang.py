@@ -75,8 +75,10 @@ def _fa_kvcache(call, version: int):
                             "a page table with cache_batch_idx / cache_leftpad")]
     batch = cu_q.shape[0] - 1 if cu_q is not None else q.shape[0]
     q_len = (max_q if max_q is not None else q.shape[0]) if cu_q is not None else q.shape[1]
-    new_tokens = 0
-    if isinstance(k_new, torch.Tensor) and isinstance(lengths, torch.Tensor):
+    new_tokens, writes = 0, isinstance(k_new, torch.Tensor)  # FA3 appends k / v through the table
+    if writes and lengths is not None:
+        if isinstance(lengths, int):
+            lengths = torch.full((batch,), lengths, dtype=torch.int32, device=q.device)
         if cu_k_new is not None:  # ragged new tokens: each row's own count joins its length
             lengths = lengths + (cu_k_new[1:] - cu_k_new[:-1]).to(lengths.dtype)
         else:
@@ -84,7 +86,7 @@ def _fa_kvcache(call, version: int):
     return paged_kv_access(device=q.device, batch=batch, k_cache=k_cache, v_cache=v_cache, table=table,
                            table_arg="page_table", lengths=lengths, new_tokens=new_tokens, q_len=q_len,
                            window_left=window[0] if window is not None else -1,
-                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE)
+                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, writes=writes)
 
 
 _FA_VARLEN_READS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "page_table",
