@@ -227,23 +227,31 @@ def test_rules_of_kernels_that_do_not_run_on_sm90_check_in_graphs(target):
     kwargs, plant = unrunnable_calls()[target]
     with PagedSanitizer(mode="log") as san:
         patched = interposer.patched[target]
-        arguments = patched.binder.bind((), kwargs)
-
-        def check():
-            san._check_and_act(target, san._rules[target], arguments, patched.library_dirs)
-
-        check()
-        torch.cuda.synchronize()
-        graph = capture(check)
-        no_sync(lambda: [graph.replay() for _ in range(3)])
-        torch.cuda.synchronize()
-        san.flush()
-        assert san.reports == []
-        expected = plant()
-        no_sync(graph.replay)
-        torch.cuda.synchronize()
-        san.flush()
+        expected = check_captured(san, target, patched.binder.bind((), kwargs), plant, patched.library_dirs)
     assert expected in found(errors(san)), found(san.reports)
+
+
+def check_captured(san, target, arguments, plant, library_dirs=()):
+    """The sanitizer's check of a call to ``target`` (bound ``arguments``) alone: run eagerly,
+    captured, replayed with syncs refused (quiet), then replayed after ``plant()`` wrote a
+    fault into the tensors the graph reads. Returns the finding ``plant`` expects."""
+    def check():
+        san._check_and_act(target, san._rules[target], arguments, library_dirs)
+
+    check()
+    torch.cuda.synchronize()
+    san.flush()
+    assert san.reports == [], found(san.reports)
+    graph = capture(check)
+    no_sync(lambda: [graph.replay() for _ in range(3)])
+    torch.cuda.synchronize()
+    san.flush()
+    assert san.reports == []
+    expected = plant()
+    no_sync(graph.replay)
+    torch.cuda.synchronize()
+    san.flush()
+    return expected
 
 
 ALONE = ["sglang decode_attention_fwd", "sglang extend_attention_fwd", "sglang fa3 flash_attn_with_kvcache",
@@ -263,20 +271,5 @@ def test_rules_checked_alone_capture_replay_and_find_a_planted_fault(label):
 
     target, arguments, plant = checked_alone()[label]
     with PagedSanitizer(mode="log") as san:
-        def check():
-            san._check_and_act(target, san._rules[target], arguments, ())
-
-        check()
-        torch.cuda.synchronize()
-        san.flush()
-        assert san.reports == [], found(san.reports)
-        graph = capture(check)
-        no_sync(lambda: [graph.replay() for _ in range(3)])
-        torch.cuda.synchronize()
-        san.flush()
-        assert san.reports == []
-        expected = plant()
-        no_sync(graph.replay)
-        torch.cuda.synchronize()
-        san.flush()
+        expected = check_captured(san, target, arguments, plant)
     assert expected in found(errors(san)), found(san.reports)
