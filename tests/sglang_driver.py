@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("FLASHINFER_NO_DOWNLOAD", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # SGLang's page-table kernel, on a CPU
 
+import importlib  # noqa: E402
 import random  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -108,7 +109,7 @@ def make_engine(page_size=64, swa=False, full_tokens=64 * 160, swa_tokens=64 * 4
     layers = [RadixAttention(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=0,
                              sliding_window_size=(window - 1) if swa else -1),
               RadixAttention(HEADS, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=1)]
-    make_backend = triton_backend_for if attention == "triton" else backend_for
+    make_backend = {"triton": triton_backend_for, "fa3": fa3_backend_for}.get(attention, backend_for)
     backend = make_backend(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens,
                            window=(window - 1) if swa else None)
     return Engine(page_size, swa, pool, allocator, req_to_token_pool, backend, layers,
@@ -210,6 +211,104 @@ def triton_backend_for(req_to_token_pool, pool, allocator, page_size, max_contex
     b.extend_attention_block_m = extend_attention._get_block_sizes_for_extend_attention(HEAD_DIM, HEAD_DIM)[3]
     b.dllm_attention = None
     return b
+
+
+def flashattention_backend_module():
+    """``sglang.srt.layers.attention.flashattention_backend``, importable on a CPU.
+
+    The module does ``from sgl_kernel import merge_state_v2`` at its top (only cascade attention
+    calls it), and sgl-kernel does not import without an NVIDIA driver (``libcuda.so.1``). For
+    the import alone, a module ``sgl_kernel`` whose ``merge_state_v2`` raises is put in
+    ``sys.modules`` and removed right after. The kernel the backend calls is not that: it is
+    ``sglang.kernels.ops.attention.flash_attention.flash_attn_with_kvcache`` (SGLang's real
+    wrapper), which refuses a CPU with its own ``NotImplementedError`` after the sanitizer's check.
+    """
+    import sys
+    import types
+
+    name = "sglang.srt.layers.attention.flashattention_backend"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        import sgl_kernel  # noqa: F401
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+
+    def merge_state_v2(*args, **kwargs):
+        raise NotImplementedError("sgl-kernel is not installed on this machine (cascade attention)")
+
+    shim = types.ModuleType("sgl_kernel")
+    shim.merge_state_v2 = merge_state_v2
+    sys.modules["sgl_kernel"] = shim
+    try:
+        return importlib.import_module(name)
+    finally:
+        del sys.modules["sgl_kernel"]
+
+
+def fa3_backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens, window=None):
+    """A ``FlashAttentionBackend`` (``fa3``) with what its ``__init__``
+    (``flashattention_backend.py``) sets on an H100/H200 for an MHA model: FA3, bf16 KV, no
+    context parallel, no local attention, default server arguments (``num_splits`` 0, the
+    scheduler-metadata precompute left to FA3)."""
+    from sglang.kernels.ops.attention.flash_attention import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    module = flashattention_backend_module()
+    b = module.FlashAttentionBackend.__new__(module.FlashAttentionBackend)
+    b.is_encoder_decoder = False
+    b.forward_metadata = b.forward_metadata_spec_decode_expand = None
+    b.max_context_len = max_context_len
+    b.device = "cpu"
+    b.decode_cuda_graph_metadata, b.target_verify_metadata = {}, {}
+    b.req_to_token_pool, b.token_to_kv_pool = req_to_token_pool, pool
+    b.req_to_token = req_to_token_pool.req_to_token
+    b.kv_cache_dtype, b.kv_cache_dtype_str, b.kv_cache_is_mxfp8 = DTYPE, "auto", False
+    b.page_size = page_size
+    b.max_num_pages = (max_context_len + page_size - 1) // page_size
+    b.needs_cpu_seq_lens = False
+    b.use_mla = False
+    b.kv_index_translator = KVIndexTranslator(req_to_token=req_to_token_pool.req_to_token,
+                                              token_to_kv_pool_allocator=allocator, token_to_kv_pool=pool,
+                                              page_size=page_size, device="cpu")
+    b.skip_prefill = False
+    b.attn_cp_size = 1
+    b._verify_mask = None
+    b.is_draft_runner = False
+    b.use_sliding_window_kv_pool = isinstance(pool, SWAKVPool) and pool.swa_layer_nums > 0
+    b._kv_shard_pool = None
+    b.topk = 1 if draft_tokens else 0
+    b.speculative_num_steps = draft_tokens - 1 if draft_tokens else 0
+    b.speculative_num_draft_tokens = draft_tokens or None
+    b.speculative_step_id = 0
+    b.local_attn_builder, b.has_local_attention, b.attention_chunk_size = None, False, None
+    b.sliding_window_size = window
+    b.has_swa = window is not None and window > -1
+    b.is_prefill_aware_swa = False
+    b.fa_impl_ver = 3
+    b._get_scheduler_metadata = b._get_fa_runtime_policy = None
+    b.flash_attn_varlen_func, b.flash_attn_with_kvcache = flash_attn_varlen_func, flash_attn_with_kvcache
+    b.head_dim, b.num_attention_heads, b.num_kv_heads = HEAD_DIM, HEADS, KV_HEADS
+    b.has_softcap = False
+    b.num_splits = b.decode_num_splits = 0
+    b._decode_uses_static_max_seqlen_k = False
+    b.full_cg_prefill_metadata = None
+    b.fa_skip_kv_cache = False
+    b._disable_scheduler_metadata_precompute = True
+    return b
+
+
+def reaches_fa3(fn) -> bool:
+    """Run one SGLang forward of the ``fa3`` backend; True when its kernel call reached SGLang's
+    FA3 wrapper, which refuses a CPU (``flash_attention_v3.py``: "only supported on sm90")."""
+    try:
+        fn()
+    except NotImplementedError as exc:
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        assert tb.tb_frame.f_code.co_filename.endswith("flash_attention_v3.py"), exc
+    return True
 
 
 @dataclass

@@ -13,8 +13,9 @@ Everything called here is SGLang's code, unmodified:
   their own ``NotImplementedError`` / ``ImportError`` proves the call got there;
 - its KV pools' writes (``MHATokenToKVPool.set_kv_buffer``, ``MLATokenToKVPool.set_mla_kv_buffer``).
 
-The backend-level tests drive ``TritonAttnBackend`` itself (``sglang_driver.py``): its
-``init_forward_metadata`` builds the lists, its ``forward_decode`` calls the kernel.
+The backend-level tests drive ``TritonAttnBackend`` and ``FlashAttentionBackend`` (``fa3``)
+themselves (``sglang_driver.py``): their ``init_forward_metadata`` builds the tables, their
+``forward_decode`` / ``forward_extend`` call the kernel.
 """
 
 import os
@@ -370,3 +371,54 @@ def test_triton_backend_live_fault_caught_at_sglang_call():
     assert (found.check, found.arg) == ("page-out-of-range", "kv_indices")
     assert found.index == planted[0]
     assert "triton_backend.py" in found.caller
+
+
+# -- the fa3 backend itself (SGLang's default on Hopper) ------------------------------------
+FA3_CONFIGS = {"page1-full": (dict(page_size=1), 0), "page64-full": (dict(page_size=64), 0),
+               "page1-swa": (dict(page_size=1, swa=True), 0), "page64-swa-mtp3": (dict(page_size=64, swa=True), 3)}
+
+
+def fa3_scheduler(name):
+    kwargs, draft = FA3_CONFIGS[name]
+    engine = sd.make_engine(attention="fa3", draft_tokens=draft, **kwargs)
+    return sd.Scheduler(engine, seed=11, max_running=4, prompt=(1, 300), output=(1, 40), chunk=128,
+                        draft_tokens=draft, pad_batches=True, on_call=sd.reaches_fa3)
+
+
+@pytest.mark.parametrize("name", list(FA3_CONFIGS))
+def test_fa3_backend_realistic_sequence_has_no_reports(name):
+    """``FlashAttentionBackend.init_forward_metadata`` builds ``page_table`` /
+    ``cache_seqlens`` (SWA tables through ``full_to_swa_index_mapping``, MTP target-verify),
+    ``forward_decode`` / ``forward_extend`` call SGLang's FA3 wrapper: every call is checked,
+    none is reported, each reaches the wrapper."""
+    scheduler = fa3_scheduler(name)
+    with PagedSanitizer(mode="raise") as sanitizer:
+        stats = scheduler.run(STEPS)
+    assert stats.calls > 0 and (stats.decode_steps or stats.verify_steps)
+    assert sanitizer.reports == []
+
+
+@pytest.mark.parametrize("name", ["page1-full", "page64-full"])
+def test_fa3_backend_live_fault_caught_at_sglang_call(name):
+    """A stale slot in ``req_to_token`` at the first token of a live page: the backend's
+    ``page_table`` (``req_to_token[:, ::page_size] // page_size``) carries it to the kernel call."""
+    scheduler = fa3_scheduler(name)
+    engine = scheduler.e
+    planted = []
+
+    def plant(reqs, seq_lens, tokens_per_req):
+        if not planted and len(reqs) > 1 and seq_lens[1] > 2 * engine.page_size:
+            bad = engine.pool.size + 5 * engine.page_size  # a page past the pool (page 1: a slot past it)
+            engine.req_to_token[reqs[1].row, engine.page_size] = bad
+            planted.append((1, 1 if engine.page_size > 1 else engine.page_size, bad // engine.page_size))
+
+    scheduler.before_forward = plant
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            for _ in range(300):
+                scheduler.step()
+    found = caught.value.violations[0]
+    row, col, value = planted[0]
+    assert (found.check, found.arg, found.index, found.value) == ("page-out-of-range", "page_table", (row, col),
+                                                                  value)
+    assert "flashattention_backend.py" in found.caller and "forward_decode" in found.caller
