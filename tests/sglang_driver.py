@@ -1,4 +1,6 @@
-"""Drive SGLang 0.5.23's real KV pools, allocators and trtllm_mha backend on a CPU.
+"""Drive SGLang 0.5.23's real KV pools, allocators and attention backends on a CPU: ``trtllm_mha``
+(the default here), ``triton`` (``triton_backend_for``: its Triton kernels run under the
+interpreter) and ``fa3`` (``fa3_backend_for``: its calls reach SGLang's FA3 wrapper).
 
 Nothing here re-implements SGLang: it plays the scheduler's part (which requests arrive,
 extend, decode, verify MTP drafts, finish) and calls SGLang's own objects to do the work:
