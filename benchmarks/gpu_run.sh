@@ -11,6 +11,7 @@
 #   variance  benchmarks/gpu_capture_variance.py (the in-graph cost against its floor)
 #   host      benchmarks/gpu_host_probe.py (where an eager call's host time goes)
 #   memcheck  compute-sanitizer on the seed's case (benchmarks/gpu_memcheck.py)
+#   tp        benchmarks/gpu_tp_failfast.py: abort in a 2-rank NCCL job (kind nvidia-h200-x2)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests,bench,rules}
@@ -36,6 +37,12 @@ if [[ $STEPS == *bench* ]]; then
 fi
 if [[ $STEPS == *rules* ]]; then
   python3 benchmarks/gpu_rules_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_rules_bench.log" | grep -vE "^\s+[0-9]+ x |^\{" | tail -20
+fi
+if [[ $STEPS == *tp* ]]; then
+  # TSAN_PAGED starts the sanitizer through the .pth at interpreter start: put it in a site dir
+  USER_SITE=$(python3 -m site --user-site); mkdir -p "$USER_SITE"; cp tsan_paged_autostart.pth "$USER_SITE/"
+  python3 -c "import sys; sys.path.insert(0, 'tests'); import tp_worker, torch; torch.cuda.set_device(0); s, _, _ = tp_worker.flashinfer_decode(0, 2); s(); torch.cuda.synchronize(); print('xqa built')"
+  python3 benchmarks/gpu_tp_failfast.py 2>&1 | grep -vi warn | tee "$OUT/gpu_tp_failfast.log" | tail -12
 fi
 if [[ $STEPS == *memcheck* ]]; then
   { echo "== plain"; /usr/bin/time -f "wall %e s" python3 benchmarks/gpu_memcheck.py seed

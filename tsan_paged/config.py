@@ -16,6 +16,7 @@ device_path = "auto"      # CUDA tables (docs/gpu.md): auto | sync | deferred | 
 device_action = "auto"    # device findings: auto (trap in abort mode, else guard) | none | trap | guard
 device_poll_s = 0.1       # deferred device records: snapshot at most this often (seconds)
 track_pages = false       # shadow SGLang's KV allocators: page-not-allocated, alloc-out-of-range (tracking.py)
+abort_peers = true        # abort mode in a torch.distributed job: the other ranks end too (distributed.py)
 
 [checks]                  # per check id: "error" | "warning" | "off"
 "dead-page-out-of-range" = "error"
@@ -74,6 +75,7 @@ class Config:
     device_action: str = "auto"   # on a device finding: auto | none | trap | guard
     device_poll_s: float = 0.1    # deferred device records: snapshot period, seconds
     track_pages: bool = False     # shadow SGLang's KV allocators (tsan_paged/tracking.py)
+    abort_peers: bool = True      # abort mode: end the other ranks of a torch.distributed job (distributed.py)
     checks: dict = field(default_factory=dict)  # check id -> "error" | "warning" | "off"
     suppress: list = field(default_factory=list)  # [{"check"?, "op"?, "caller"?: glob}]
     rule: list = field(default_factory=list)  # [[rule]] tables: declarative rules (tsan_paged.declarative)
@@ -103,7 +105,7 @@ class Config:
 _TYPES = {"mode": str, "exit_code": int, "dump_dir": str, "max_dumps": int, "dump_on_log": bool,
           "max_reports": int, "report_dir": str, "dedup": bool, "checks": dict, "suppress": list, "rule": list,
           "device_path": str, "device_action": str, "device_poll_s": (int, float),
-          "track_pages": bool}
+          "track_pages": bool, "abort_peers": bool}
 DEVICE_PATHS = ("auto", "sync", "deferred", "torch")
 DEVICE_ACTIONS = ("auto", "none", "trap", "guard")
 _SUPPRESS_KEYS = ("check", "op", "caller")

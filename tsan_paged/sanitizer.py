@@ -55,7 +55,7 @@ from . import dump as dump_mod
 from .dispatch import ModeCatcher, bind_schema, loaded_namespaces, op_interposer, resolve_overloads
 from .interpose import Patched, interposer
 from .registry import Call, CheckOptions, Registry, UnboundArgument, is_dispatcher_target, registry
-from . import engine
+from . import distributed, engine
 from .access import Settings
 from .report import PageTableViolation, Violation, reporter
 
@@ -322,6 +322,8 @@ class PagedSanitizer(contextlib.ContextDecorator):
         # collection our allocations set off could destroy a dead CUDAGraph, which is not
         # permitted during capture and would break the user's capture (SGLang's graph runner
         # freezes the GC around capture for the same reason).
+        if self.mode == "abort" and self.config.abort_peers:
+            distributed.watch(self.config.exit_code, _peer_aborted)  # once a torch.distributed job exists
         capture = engine.capturing()
         paused = capture and gc.isenabled()
         if paused:
@@ -350,7 +352,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
             exc.dump_path = dump_path
             raise exc
         if self.mode == "abort":
-            _abort(errors, dump_path, self.config.exit_code)
+            _abort(errors, dump_path, self.config.exit_code, tell_peers=self.config.abort_peers)
 
     def _run_rules(self, target: str, rules, arguments: dict, library_dirs: tuple = (), capture: bool = False) -> list:
         """The findings of ``rules`` on one call: each rule describes (and checks metadata), the
@@ -516,20 +518,34 @@ interposer.on_resolve_error = _report_resolve_error
 interposer.on_patched = _target_patched
 
 
-def _abort(errors, dump_path, exit_code: int) -> None:
+def _abort(errors, dump_path, exit_code: int, tell_peers: bool = False) -> None:
+    rank = distributed.rank()
     logger.bind(tsan_paged=True).critical(
-        f"tsan_paged: aborting (mode=abort, exit status {exit_code}) on {errors[0].check} in {errors[0].op}"
-        + (f"; dump {dump_path}" if dump_path else ""))
+        f"tsan_paged: aborting{'' if rank is None else f' rank {rank}'} (mode=abort, exit status {exit_code}) on "
+        f"{errors[0].check} in {errors[0].op}" + (f"; dump {dump_path}" if dump_path else ""))
+    _end(exit_code, lambda: tell_peers and distributed.announce(f"{errors[0].check} in {errors[0].op}"))
+
+
+def _peer_aborted(message: str, own) -> None:
+    """The watcher thread saw another rank of this job abort (tsan_paged/distributed.py)."""
+    logger.bind(tsan_paged=True).critical(f"tsan_paged: ending rank {own}: {message}")
+    _end(None, lambda: None)
+
+
+def _end(exit_code, before_exit) -> None:
+    """Write what the reporter holds, flush, run ``before_exit``, and (with an exit code) exit now."""
     reporter.finish()
     try:
         logger.complete()
+        before_exit()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:
                 pass
-        os._exit(exit_code)
+        if exit_code is not None:
+            os._exit(exit_code)
 
 
 @functools.lru_cache(maxsize=None)
