@@ -40,7 +40,8 @@ if [[ $STEPS == *rules* ]]; then
 fi
 if [[ $STEPS == *tp* ]]; then
   # TSAN_PAGED starts the sanitizer through the .pth at interpreter start: put it in a site dir
-  USER_SITE=$(python3 -m site --user-site); mkdir -p "$USER_SITE"; cp tsan_paged_autostart.pth "$USER_SITE/"
+  # (the machine's python is a venv: its own site-packages, not the user site)
+  cp tsan_paged_autostart.pth "$(python3 -c 'import site; print(site.getsitepackages()[0])')/"
   python3 -c "import sys; sys.path.insert(0, 'tests'); import tp_worker, torch; torch.cuda.set_device(0); s, _, _ = tp_worker.flashinfer_decode(0, 2); s(); torch.cuda.synchronize(); print('xqa built')"
   python3 benchmarks/gpu_tp_failfast.py 2>&1 | grep -vi warn | tee "$OUT/gpu_tp_failfast.log" | tail -12
 fi

@@ -77,6 +77,8 @@ class PageTable:
     guard: Optional[int] = 0
     only: Optional[frozenset] = None  # check ids to keep (a TOML rule's ``checks``)
     form: Optional[tuple] = None  # a key the rule guarantees fixes everything but the tensors' values
+    relabel: Optional[Callable] = None  # (finding, buffers) -> the finding it stands for (a derived table:
+    #                                     track_pages' page states); a module-level function (it keys plans)
 
     @property
     def rows(self) -> int:

@@ -395,7 +395,10 @@ def page_table_findings(access: PageTable) -> list:
 
     for view, index_of, buffer in table_views(access):
         found += _pages_in_range(view, access.arg, buffer.pages, buffer.name, region, index_of)
-    return _only(found, access.only)
+    found = _only(found, access.only)
+    if access.relabel is not None:
+        found = [access.relabel(v, access.buffers) for v in found]
+    return found
 
 
 def lengths_findings(access: Lengths) -> list:

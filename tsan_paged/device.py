@@ -191,7 +191,7 @@ def _page_table_plan(a: PageTable) -> Plan:
            None if lengths is None else (tuple(lengths.shape), lengths.dtype), a.lengths_arg, a.length_offset,
            a.max_len, a.max_len_arg, a.whole_row, a.window_left, a.q_len, a.tile, a.explicit_region,
            None if a.first is None else a.first.dtype, None if a.end is None else a.end.dtype, a.kv_split,
-           a.sparse_batch, a.guard, a.only)
+           a.sparse_batch, a.guard, a.only, a.relabel)
 
     def build() -> Plan:
         rows, width = a.rows, a.width
@@ -219,7 +219,7 @@ def _page_table_plan(a: PageTable) -> Plan:
         info = dict(arg=a.arg, lengths_arg=a.lengths_arg, max_len_arg=a.max_len_arg, max_len=a.max_len,
                     page_size=a.page_size, width=width, buffers=views, len_unsigned=len_unsigned,
                     index_of=[v[1] for v in views_of], length_index_of=checks.length_index_of(a),
-                    wide=table.element_size() > 4, only=a.only)
+                    wide=table.element_size() > 4, only=a.only, relabel=a.relabel)
         return Plan("dense", grid, NUM_WARPS, head, block, align, a.guard, _dense_findings, info)
 
     return _cached(key, build)
@@ -383,7 +383,9 @@ def _dense_findings(plan: Plan, words, previous_hits=None) -> list:
             message += _saturated(info, value)
         out.append(Violation(K.CHECK_IDS[c], arg, message, index=index, value=value, bound=bound, count=count,
                              examples=((index, value),)))
-    return _only(out, info["only"])
+    out = _only(out, info["only"])
+    relabel = info.get("relabel")
+    return [relabel(v, info["buffers"]) for v in out] if relabel is not None else out
 
 
 def _csr_findings(plan: Plan, words, previous_hits=None) -> list:

@@ -22,16 +22,22 @@ are not tracked.
 
 Per pool: one ``uint8`` state per page (never allocated / allocated / freed) and one
 ``int32`` stack id per page (the ``free`` call that released it, interned: at most
-``MAX_STACKS`` distinct stacks are kept), on the allocator's device, under one lock.
+``MAX_STACKS`` distinct stacks are kept), on the allocator's device, under one lock; one more
+entry at the end takes what an index out of the pool would write. Allocations and frees update
+them with in-place device ops queued on the current stream (no host sync: a CUDA pool is never
+read back on the allocator's path); the range check of an allocator's output
+(``alloc-out-of-range``) reads it on the host, so it runs for CPU pools only.
 
-Reads: the FlashInfer decode rule calls :func:`check_read_pages` with the table it describes
-(a host check for the engine: it syncs on a CUDA table, so it is skipped while a graph is being
-captured); a kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffer`` /
-``v_buffer`` per layer, full and SWA pools alike), else by an unambiguous page count. The
-region checked is what the kernel *attends to* (``ceil(seq_len / ps)`` columns, from the
-sliding window's first token on a window layer); one gather of the state at the table's
-entries. Rows of a CUDA-graph-padded batch read the padding page by design and are not
-reported (:func:`_padding_rows` says how they are told apart from live rows).
+Reads: the FlashInfer decode rule calls :func:`check_read_pages` with the table it describes.
+A kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffer`` /
+``v_buffer`` per layer, full and SWA pools alike), else by an unambiguous page count. With
+device ops (no sync), the pool's state is gathered at the table's entries into a derived table
+that holds ``page + 1`` where a page is not allocated and 0 elsewhere; the engine checks that
+table over the region the kernel *attends to* (``ceil(seq_len / ps)`` columns, from the sliding
+window's first token on a window layer) like any page table -- in CUDA graphs too, at every
+replay -- and its findings become ``page-not-allocated`` with the free site's stack (read on the
+host when reported). Graph-padding rows read the padding page by design and are not reported
+(:func:`_padding` says how they are told apart from live rows).
 """
 
 from __future__ import annotations
@@ -46,11 +52,12 @@ from typing import Optional
 import torch
 
 from . import checks
-from .access import HostCheck
+from .access import Buffer, PageTable
 from .callsite import caller_frame, describe, short_path
 from .report import MAX_EXAMPLES, Violation
 
 NEVER, ALLOCATED, FREED = 0, 1, 2
+_pool_numbers = __import__("itertools").count()
 MAX_STACKS = 4096
 STACK_DEPTH = 10
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,16 +79,29 @@ TARGETS = {
 class PoolState:
     """The shadow of one leaf allocator's pool."""
 
-    __slots__ = ("allocator", "role", "page_size", "pages", "state", "stack", "__weakref__")
+    __slots__ = ("allocator", "role", "page_size", "pages", "state", "stack", "key", "__weakref__")
 
     def __init__(self, allocator, role: str):
         self.allocator = weakref.ref(allocator)
         self.role = role
+        self.key = f"tracked pool {next(_pool_numbers)}"  # names the pool to the engine (Buffer name)
         self.page_size = int(allocator.page_size)
         self.pages = int(allocator.size) // self.page_size + 1  # + SGLang's padding page 0
         device = getattr(allocator, "device", "cpu")
-        self.state = torch.zeros(self.pages, dtype=torch.uint8, device=device)
-        self.stack = torch.full((self.pages,), -1, dtype=torch.int32, device=device)
+        self.state = torch.zeros(self.pages + 1, dtype=torch.uint8, device=device)  # [pages]: out-of-pool writes
+        self.stack = torch.full((self.pages + 1,), -1, dtype=torch.int32, device=device)
+
+    def index(self, page_ids) -> torch.Tensor:
+        """``page_ids`` as indices into the state, an id out of the pool sent to the last entry."""
+        ids = page_ids.reshape(-1).to(device=self.state.device, dtype=torch.int64)
+        return torch.where((ids >= 0) & (ids < self.pages), ids, self.pages)
+
+    def mark(self, page_ids, status: int, sid: Optional[int] = None) -> None:
+        """Set the state (and the free stack) of ``page_ids``: device ops, no host sync."""
+        ids = self.index(page_ids)
+        self.state.index_fill_(0, ids, status)
+        if sid is not None:
+            self.stack.index_fill_(0, ids, sid)
 
     def describe(self) -> str:
         return (f"{self.role} (pool of {self.pages} pages"
@@ -96,6 +116,7 @@ class PageTracker:
         self.users = 0
         self.pools = weakref.WeakKeyDictionary()  # allocator -> PoolState
         self.by_storage: dict = {}  # storage data_ptr -> weakref(PoolState)
+        self.by_key: dict = {}  # PoolState.key -> weakref(PoolState): the pool a derived table's findings name
         self.patches: list = []  # (cls, name, original, wrapper)
         self._stacks: dict = {}  # frames -> id
         self._stack_list: list = []
@@ -137,6 +158,7 @@ class PageTracker:
             self.patches.clear()
             self.pools = weakref.WeakKeyDictionary()
             self.by_storage.clear()
+            self.by_key.clear()
             self._stacks.clear()
             self._stack_list.clear()
             self._named = weakref.WeakSet()
@@ -209,11 +231,11 @@ class PageTracker:
             return None
         state = PoolState(allocator, role or type(allocator).__name__)
         free = allocator.get_all_free_pages() if getattr(allocator, "free_pages", None) is not None else None
-        state.state[1:] = ALLOCATED
+        state.state[1:state.pages] = ALLOCATED
         if free is not None and free.numel():
-            free = free.to(device=state.state.device, dtype=torch.int64)
-            state.state[free[(free >= 0) & (free < state.pages)]] = NEVER
+            state.mark(free, NEVER)
         self.pools[allocator] = state
+        self.by_key[state.key] = weakref.ref(state)
         self._index_buffers(allocator, state)
         return state
 
@@ -262,8 +284,13 @@ class PageTracker:
         """Mark what ``method`` handed out; findings for indices past the pool."""
         if out is None or not isinstance(out, torch.Tensor) or out.numel() == 0:
             return []
-        tokens = out.reshape(-1).to(torch.int64)
+        tokens = out.reshape(-1)
         ps, pages = state.page_size, state.pages
+        with self.lock:
+            state.mark(tokens // ps if ps > 1 else tokens, ALLOCATED)
+        if tokens.is_cuda:
+            return []  # the range check reads the indices on the host: CPU pools only (module docstring)
+        tokens = tokens.to(torch.int64)
         low, high = (int(x) for x in torch.aminmax(tokens))
         found = []
         if low < ps or high >= pages * ps:
@@ -280,29 +307,21 @@ class PageTracker:
                 f"SGLang's padding page). Its free list or its index arithmetic is at fault: an allocator bug, "
                 f"not a table-building one", index=(i,), value=value, bound=pages * ps, count=int(bad.numel()),
                 examples=examples, op=f"{type(allocator).__module__}:{type(allocator).__name__}.{method}"))
-        with self.lock:
-            page_ids = tokens // ps
-            page_ids = page_ids[(page_ids >= 0) & (page_ids < pages)].to(state.state.device)
-            state.state[page_ids] = ALLOCATED
         return found
 
     def on_release(self, state: PoolState, page_ids, sid: int) -> None:
         with self.lock:
             for ids in page_ids:
-                if ids is None or ids.numel() == 0:
-                    continue
-                ids = ids.reshape(-1).to(device=state.state.device, dtype=torch.int64)
-                ids = ids[(ids >= 0) & (ids < state.pages)]
-                state.state[ids] = FREED
-                state.stack[ids] = sid
+                if ids is not None and ids.numel():
+                    state.mark(ids, FREED, sid)
 
     def on_clear(self, allocator, sid: int) -> None:
         with self.lock:
             state = self.pools.get(allocator)
             if state is not None and state.pages == int(allocator.size) // int(allocator.page_size) + 1:
                 held = state.state == ALLOCATED
-                state.state[held] = FREED
-                state.stack[held] = sid
+                state.stack.copy_(torch.where(held, sid, state.stack))
+                state.state.copy_(torch.where(held, FREED, state.state))
             else:  # first sight (its __init__) or resized: adopt from its free list
                 self.pools.pop(allocator, None)
                 self.pool(allocator, role=state.role if state is not None else None)
@@ -317,76 +336,91 @@ class PageTracker:
         matches = [s for a, s in list(self.pools.items()) if s.pages == pages]
         return matches[0] if len(matches) == 1 else None
 
-    def check_read(self, call, access, tensors) -> list:
-        if call.get("enable_block_sparse_attention"):
+    def read_accesses(self, call, access, tensors) -> list:
+        """The derived tables of a read (module docstring): device ops, no host sync."""
+        if call.get("enable_block_sparse_attention") or access.lengths is None:
             return []
-        found = []
-        page_size = access.page_size
-        lens = access.lengths.reshape(-1).to(torch.int64)
         window_left = call.get("window_left")
         q_len = call.get("max_q_len") or call.get("q_len_per_req") or 1
-        for (view, name_of, _), kv in zip(checks.table_views(access), tensors):
+        lengths = access.lengths.reshape(-1)
+        out = []
+        for (view, index_of, _), kv in zip(checks.table_views(access), tensors):
             with self.lock:
                 state = self.pool_of(kv)
-                if state is None:
+                if state is None or state.state.device != view.device:
                     continue
-                width = view.shape[-1]
-                entries = view.to(device=state.state.device, dtype=torch.int64)
                 n = state.pages
+                entries = view.to(torch.int64)
                 got = state.state[entries.clamp(0, n - 1)]  # one gather of the state at the table
-                region_lens = lens.to(entries.device)
-                cols = torch.arange(width, device=entries.device)
-                end = (-(-region_lens.clamp(min=0) // page_size)).clamp(max=width)
-                mask = cols[None, :] < end[:, None]
-                if window_left is not None and window_left >= 0:
-                    first = (region_lens - (q_len - 1) - (window_left + 1)).clamp(min=0) // page_size
-                    mask &= cols[None, :] >= first[:, None]
-                bad = mask & (got != ALLOCATED) & (entries >= 0) & (entries < n)
-                bad &= ~_padding_rows(entries, mask, region_lens, q_len)[:, None]
-                if not bool(bad.any()):
-                    continue
-                where = bad.nonzero()
-                r, c = (int(x) for x in where[0])
-                page = int(entries[r, c])
-                status = int(got[r, c])
-                sid = int(state.stack[page])
-                examples = tuple((name_of(int(a), int(b)), int(entries[a, b])) for a, b in where[:MAX_EXAMPLES].tolist())
-            index = name_of(r, c)
-            tokens = f"tokens {c * page_size}..{(c + 1) * page_size - 1}" if page_size > 1 else f"token {c}"
-            if status == FREED:
-                what = (f"page {page} is FREE: released to {state.describe()} and not allocated since, "
-                        f"yet the kernel reads it (row {r}'s {tokens}) - a KV use-after-free; the memory is still "
-                        f"there, so nothing else reports it and the row's attention output is silently wrong.\n"
-                        f"    freed by (most recent call last):\n{self.format_stack(sid)}")
-            elif page == 0:
-                what = (f"page 0 is SGLang's padding page (never handed out) in {state.describe()}, yet the kernel "
-                        f"reads it (row {r}'s {tokens}; not a graph-padding row, which reads only page 0 at "
-                        f"length <= q_len + 1): a table entry that was never written, or a slot whose "
-                        f"full->SWA mapping was cleared (freed) while this row still attends to it")
-            else:
-                what = (f"page {page} of {state.describe()} is not allocated (free since tracking started, "
-                        f"no free seen), yet the kernel reads it (row {r}'s {tokens})")
-            text = f"block_tables[{', '.join(map(str, index))}] = {page}: {what}"
-            found.append(Violation("page-not-allocated", "block_tables", text, index=index, value=page,
-                                   bound="allocated", count=int(where.shape[0]), examples=examples))
-        return found
+                bad = (got != ALLOCATED) & (entries >= 0) & (entries < n) & ~_padding(entries, lengths, q_len)
+                derived = torch.where(bad, entries + 1, 0).to(torch.int32)
+            out.append(PageTable(derived, access.arg, (Buffer(state.key, 1),), access.page_size, lengths=lengths,
+                                 lengths_arg=access.lengths_arg, length_offset=access.length_offset,
+                                 window_left=-1 if window_left is None else int(window_left), q_len=int(q_len),
+                                 tile=1, index_of=index_of, guard=0, only=_PAGE_FINDINGS, relabel=_not_allocated))
+        return out
+
+    def explain(self, state: PoolState, page: int, arg: str, index: tuple, row: int, col: int) -> str:
+        """What a read of a page that is not allocated means (reads the page's state: a sync on a
+        CUDA pool, done when the finding is reported, never in the checked call)."""
+        status, sid = int(state.state[page]), int(state.stack[page])
+        page_size = state.page_size
+        tokens = f"tokens {col * page_size}..{(col + 1) * page_size - 1}" if page_size > 1 else f"token {col}"
+        if status == FREED:
+            what = (f"page {page} is FREE: released to {state.describe()} and not allocated since, "
+                    f"yet the kernel reads it (row {row}'s {tokens}) - a KV use-after-free; the memory is still "
+                    f"there, so nothing else reports it and the row's attention output is silently wrong.\n"
+                    f"    freed by (most recent call last):\n{self.format_stack(sid)}")
+        elif status == ALLOCATED:
+            what = (f"page {page} of {state.describe()} was not allocated when the kernel read it (row {row}'s "
+                    f"{tokens}; allocated again by the time this is reported, e.g. at a graph replay's flush)"
+                    + (f".\n    last freed by (most recent call last):\n{self.format_stack(sid)}" if sid >= 0
+                       else ""))
+        elif page == 0:
+            what = (f"page 0 is SGLang's padding page (never handed out) in {state.describe()}, yet the kernel "
+                    f"reads it (row {row}'s {tokens}; not a graph-padding row, which reads page 0 at "
+                    f"length <= q_len + 1): a table entry that was never written, or a slot whose "
+                    f"full->SWA mapping was cleared (freed) while this row still attends to it")
+        else:
+            what = (f"page {page} of {state.describe()} is not allocated (free since tracking started, "
+                    f"no free seen), yet the kernel reads it (row {row}'s {tokens})")
+        return f"{arg}[{', '.join(map(str, index))}] = {page}: {what}"
 
 
-def _padding_rows(entries, read, lengths, q_len: int):
-    """Rows of a CUDA-graph-padded batch, which read SGLang's padding page by design.
+_PAGE_FINDINGS = frozenset({"page-out-of-range"})
+
+
+def _not_allocated(finding: Violation, buffers) -> Violation:
+    """A derived table's finding (value ``page + 1`` at the reading row and column) as the
+    ``page-not-allocated`` it stands for."""
+    ref = tracker.by_key.get(buffers[0].name)
+    state = ref() if ref is not None else None
+    page = int(finding.value) - 1
+    index = finding.index
+    examples = tuple((i, int(v) - 1) for i, v in finding.examples)
+    if state is None:  # the pool is gone (its allocator was freed) by the time this is reported
+        text = f"{finding.arg}[{', '.join(map(str, index))}] = {page}: the page was not allocated when read"
+    else:
+        text = tracker.explain(state, page, finding.arg, index, index[0], index[-1])
+    return Violation("page-not-allocated", finding.arg, text, index=index, value=page, bound="allocated",
+                     count=finding.count, examples=examples)
+
+
+def _padding(entries, lengths, q_len: int):
+    """Entries of CUDA-graph padding rows, which read SGLang's padding page by design.
 
     SGLang's graph runner pads a batch to a captured size with rows whose ``req_pool_indices``
     is 0 and whose ``seq_lens`` is the backend's fill value, 1 (``cuda_graph_buffer_registry.py``:
     ZERO / FILL_SENTINEL; ``get_cuda_graph_seq_len_fill_value``); a target-verify row then reads
     ``1 + q_len`` tokens. Row 0 of ``req_to_token`` is reserved and never written ("+1 padding row
     at index 0", ``memory_pool.py``), so every entry such a row reads is page 0, directly or
-    through ``full_to_swa_index_mapping[0] = 0``. A live row reads at least the page of the token
-    it decodes, allocated for this step, and is longer than ``q_len + 1`` once its prompt is
-    more than a token: a live row whose SWA mapping a free cleared reads page 0 too, but not
-    only page 0, or at a longer length, and is still reported.
+    through ``full_to_swa_index_mapping[0] = 0``. So a read of page 0 by a row of length
+    ``<= q_len + 1`` is not reported. A live row reads at least the page of the token it decodes,
+    allocated for this step, and is longer than ``q_len + 1`` once its prompt is more than a
+    token: a live row whose SWA mapping a free cleared reads page 0 at a longer length, and is
+    reported.
     """
-    only_padding_page = ((entries == 0) | ~read).all(dim=1) & read.any(dim=1)
-    return only_padding_page & (lengths <= q_len + 1)
+    return (entries == 0) & (lengths.to(entries.device, torch.int64) <= q_len + 1)[:, None]
 
 
 def _make_wrapper(tracker: PageTracker, cls, name: str, kind: str, original):
@@ -481,11 +515,8 @@ def enabled(call) -> bool:
 
 def check_read_pages(call, access, tensors) -> list:
     """The ``page-not-allocated`` check of a decode call's :class:`~tsan_paged.access.PageTable`
-    (``[]`` unless tracking): a host check, ``tensors`` the KV buffer each of its views indexes
-    (``(k, v)``, in the same order). On a CUDA table it syncs, so it is skipped (with a
-    ``rule-skipped-in-capture`` warning) while a graph is being captured."""
+    (``[]`` unless tracking): derived tables the engine checks (no host sync, in CUDA graphs
+    too); ``tensors`` the KV buffer each view of the table indexes (``(k, v)``, in order)."""
     if not enabled(call):
         return []
-    tracker_ = call.options.page_tracker
-    return [HostCheck("page-not-allocated (track_pages)", lambda: tracker_.check_read(call, access, tensors),
-                      cuda=access.table.is_cuda)]
+    return call.options.page_tracker.read_accesses(call, access, tensors)
