@@ -273,3 +273,50 @@ def test_rules_checked_alone_capture_replay_and_find_a_planted_fault(label):
     with PagedSanitizer(mode="log") as san:
         expected = check_captured(san, target, arguments, plant)
     assert expected in found(errors(san)), found(san.reports)
+
+
+def test_track_pages_use_after_free_found_in_replayed_graphs():
+    """track_pages on CUDA (issue 14): the pool's page states live on the GPU and allocations and
+    frees update them without a sync; the decode's check of them is captured with the call, and a
+    page freed AFTER capture is reported as page-not-allocated at the replay that reads it, with
+    the free site's stack. SGLang's allocators do not run on this machine: the pool is made and
+    updated through the tracker's own entry points (``PoolState``, ``on_alloc``, ``on_release``),
+    the ones SGLang's shadowed allocator methods call."""
+    import weakref
+
+    from tsan_paged import tracking
+
+    class Pool:  # what PoolState reads of an allocator
+        page_size = 64
+
+    case = CASES["trtllm_decode"]()
+    kwargs = case.state
+    k, v = kwargs["kv_cache"]
+    table = kwargs["block_tables"]
+    with PagedSanitizer(mode="log", track_pages=True) as san:
+        tracker = tracking.tracker
+        pool = Pool()
+        pool.size, pool.device = (k.shape[0] - 1) * 64, k.device
+        state = tracking.PoolState(pool, "the test's full pool")
+        tracker.by_key[state.key] = weakref.ref(state)
+        for buffer in (k, v):
+            tracker.by_storage[buffer.untyped_storage().data_ptr()] = weakref.ref(state)
+        every_page = torch.arange(0, k.shape[0] * 64, 64, device=k.device)  # (page 0 too: the table holds it)
+        no_sync(lambda: tracker.on_alloc(pool, state, "alloc", every_page))
+        case.call()
+        torch.cuda.synchronize()
+        san.flush()
+        assert san.reports == [], found(san.reports)
+        graph = capture(case.call)
+        no_sync(lambda: [graph.replay() for _ in range(3)])
+        torch.cuda.synchronize()
+        san.flush()
+        assert san.reports == []
+        page = int(table[2, 1])  # row 2 reads its column 1
+        no_sync(lambda: tracker.on_release(state, (torch.tensor([page], device=k.device),), tracker.stack_id()))
+        no_sync(graph.replay)
+        torch.cuda.synchronize()
+        san.flush()
+    freed = [v for v in san.reports if v.check == "page-not-allocated"]
+    assert freed and freed[0].index[0] == 2 and freed[0].value == page, found(san.reports)
+    assert "is FREE" in freed[0].message and "test_track_pages_use_after_free" in freed[0].message
