@@ -90,3 +90,15 @@ def test_own_launcher_peer_ends_only_through_the_store_watcher(tmp_path, abort_p
         assert time.time() - planted < 10
     else:
         assert survived, survivor_out  # still computing: nothing told it
+
+
+def test_readme_tp_command_exactly_as_written():
+    """The README's command, verbatim, from the repository root."""
+    root = TESTS.parent
+    [line] = [line for line in (root / "README.md").read_text().splitlines()
+              if line.startswith("tsan-paged run --mode abort -- torchrun")]
+    result = subprocess.run(line.split(), capture_output=True, text=True, env=env(), cwd=root, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "aborting rank 1" in output and "page-out-of-range" in output, output
+    assert "rank 1, 1 finding(s), 1 error(s)" in output, output  # tsan-paged run's merged summary
