@@ -10,20 +10,14 @@ a graph with and without tracking; its replays are timed with CUDA events.
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / "gpu")]
 
-from gpu_cases import CASES  # noqa: E402
-from tsan_paged import PagedSanitizer, tracking  # noqa: E402
-
-
-class Pool:  # what PoolState reads of an allocator
-    page_size = 64
-
+from gpu_cases import CASES, tracked_pool  # noqa: E402
+from tsan_paged import PagedSanitizer  # noqa: E402
 
 def host_us(fn, n=2000):
     times = []
@@ -66,14 +60,7 @@ def main():
     k, v = case.state["kv_cache"]
     rows = []
     with PagedSanitizer(mode="log", track_pages=True) as san:
-        tracker = tracking.tracker
-        pool = Pool()
-        pool.size, pool.device = (k.shape[0] - 1) * 64, k.device
-        state = tracking.PoolState(pool, "bench pool")
-        tracker.by_key[state.key] = weakref.ref(state)
-        for buffer in (k, v):
-            tracker.by_storage[buffer.untyped_storage().data_ptr()] = weakref.ref(state)
-        tracker.on_alloc(pool, state, "alloc", torch.arange(0, k.shape[0] * 64, 64, device=k.device))
+        tracker, pool, state = tracked_pool(k, v, "bench pool")
         torch.cuda.set_sync_debug_mode("error")  # an allocation or a free that syncs raises
         for tokens in (1, 64, 4096):
             out = torch.arange(64, 64 + tokens, device=k.device)

@@ -350,6 +350,17 @@ def test_triton_backend_realistic_sequence_has_no_reports(name):
     assert sanitizer.reports == []
 
 
+def first_error(scheduler, plant, steps=300):
+    """Run ``scheduler`` under ``raise`` with ``plant`` called before each forward's tables are
+    built; the first finding the sanitizer raised."""
+    scheduler.before_forward = plant
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            for _ in range(steps):
+                scheduler.step()
+    return caught.value.violations[0]
+
+
 def test_triton_backend_live_fault_caught_at_sglang_call():
     """A stale slot in ``req_to_token`` inside a request's length (what the seed's bad table
     held): SGLang's own metadata code copies it into ``kv_indices``, the decode call is stopped."""
@@ -362,12 +373,7 @@ def test_triton_backend_live_fault_caught_at_sglang_call():
             engine.req_to_token[reqs[1].row, 3] = engine.pool.size + engine.page_size  # one past the pool
             planted.append((1, 3))
 
-    scheduler.before_forward = plant
-    with pytest.raises(PageTableViolation) as caught:
-        with PagedSanitizer(mode="raise"):
-            for _ in range(200):
-                scheduler.step()
-    found = caught.value.violations[0]
+    found = first_error(scheduler, plant)
     assert (found.check, found.arg) == ("page-out-of-range", "kv_indices")
     assert found.index == planted[0]
     assert "triton_backend.py" in found.caller
@@ -412,12 +418,7 @@ def test_fa3_backend_live_fault_caught_at_sglang_call(name):
             engine.req_to_token[reqs[1].row, engine.page_size] = bad
             planted.append((1, 1 if engine.page_size > 1 else engine.page_size, bad // engine.page_size))
 
-    scheduler.before_forward = plant
-    with pytest.raises(PageTableViolation) as caught:
-        with PagedSanitizer(mode="raise"):
-            for _ in range(300):
-                scheduler.step()
-    found = caught.value.violations[0]
+    found = first_error(scheduler, plant)
     row, col, value = planted[0]
     assert (found.check, found.arg, found.index, found.value) == ("page-out-of-range", "page_table", (row, col),
                                                                   value)

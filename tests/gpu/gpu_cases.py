@@ -418,6 +418,29 @@ def flash_attn(dev="cuda") -> Case:
         q, k_cache, v_cache, cache_seqlens=lens, block_table=table, causal=True), plant, state=dict(table=table))
 
 
+def tracked_pool(k, v, role: str):
+    """A KV pool shadowed by track_pages for the cache ``(k, v)`` (pages of 64 tokens), every page
+    allocated: ``(tracker, allocator, PoolState)``. SGLang's allocators do not run on the GPU
+    machine; the tracker's entry points they call (``on_alloc``, ``on_release``) are called on
+    this stand-in for the allocator object, of which PoolState reads ``page_size``, ``size``, ``device``."""
+    import weakref
+
+    from tsan_paged import tracking
+
+    class Pool:
+        page_size = PAGE
+
+    tracker = tracking.tracker
+    pool = Pool()
+    pool.size, pool.device = (k.shape[0] - 1) * PAGE, k.device
+    state = tracking.PoolState(pool, role)
+    tracker.by_key[state.key] = weakref.ref(state)
+    for buffer in (k, v):
+        tracker.by_storage[buffer.untyped_storage().data_ptr()] = weakref.ref(state)
+    tracker.on_alloc(pool, state, "alloc", torch.arange(0, k.shape[0] * PAGE, PAGE, device=k.device))
+    return tracker, pool, state
+
+
 CASES = {f.__name__: f for f in (trtllm_decode, xqa_decode, xqa_raw, decode_wrapper, append_kv, toml_rule_op,
                                  python_rule_op, vllm_paged_attention, vllm_reshape_and_cache, flash_attn)}
 

@@ -282,27 +282,14 @@ def test_track_pages_use_after_free_found_in_replayed_graphs():
     the free site's stack. SGLang's allocators do not run on this machine: the pool is made and
     updated through the tracker's own entry points (``PoolState``, ``on_alloc``, ``on_release``),
     the ones SGLang's shadowed allocator methods call."""
-    import weakref
-
-    from tsan_paged import tracking
-
-    class Pool:  # what PoolState reads of an allocator
-        page_size = 64
+    from gpu_cases import tracked_pool
 
     case = CASES["trtllm_decode"]()
     kwargs = case.state
     k, v = kwargs["kv_cache"]
     table = kwargs["block_tables"]
     with PagedSanitizer(mode="log", track_pages=True) as san:
-        tracker = tracking.tracker
-        pool = Pool()
-        pool.size, pool.device = (k.shape[0] - 1) * 64, k.device
-        state = tracking.PoolState(pool, "the test's full pool")
-        tracker.by_key[state.key] = weakref.ref(state)
-        for buffer in (k, v):
-            tracker.by_storage[buffer.untyped_storage().data_ptr()] = weakref.ref(state)
-        every_page = torch.arange(0, k.shape[0] * 64, 64, device=k.device)  # (page 0 too: the table holds it)
-        no_sync(lambda: tracker.on_alloc(pool, state, "alloc", every_page))
+        tracker, pool, state = no_sync(lambda: tracked_pool(k, v, "the test's full pool"))
         case.call()
         torch.cuda.synchronize()
         san.flush()
