@@ -236,3 +236,22 @@ def test_config_key():
     assert san.options.page_tracker is None and not tracking.tracker.active
     with pytest.raises(ConfigError, match="track_pages"):
         PagedSanitizer(config={"track_pages": "yes"})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_derived_table_kernel_matches_the_torch_ops(seed):
+    """track_pages' derived table: the Triton kernel a CUDA table gets (here under Triton's
+    interpreter) and the torch ops a CPU table gets agree entry for entry, on K/V views of a
+    [B, 2, W] table (strided), negative and out-of-pool entries and graph-padding rows."""
+    g = torch.Generator().manual_seed(seed)
+    pages, rows, width, q_len = 40, 7, 9, 2
+    state = torch.randint(0, 3, (pages,), generator=g, dtype=torch.uint8)
+    table = torch.randint(-3, pages + 4, (rows, 2, width), generator=g, dtype=torch.int32)
+    table[0] = 0  # a padding row: page 0 everywhere, at length <= q_len + 1
+    lengths = torch.randint(0, 200, (rows,), generator=g, dtype=torch.int32)
+    lengths[0] = q_len + 1
+    for kv in (0, 1):
+        view = table[:, kv, :]
+        expected = tracking.not_allocated(view, lengths, state, q_len)
+        assert torch.equal(tracking.not_allocated(view, lengths, state, q_len, interpret=True), expected)
+        assert int(expected[0].abs().sum()) == 0 and (expected > 0).any()

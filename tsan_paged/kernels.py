@@ -580,8 +580,27 @@ if triton is not None:
             if nprog > 1:
                 tl.store(slot_ptr + _K_TICKET, zero)
 
+    def _not_allocated_src(table_ptr, lengths_ptr, state_ptr, out_ptr, n, width, stride_r, stride_c, pages,
+                           short_len, BLOCK: tl.constexpr):
+        """track_pages' derived table (:mod:`tsan_paged.tracking`), one launch: ``out[r, c]`` is
+        ``table[r, c] + 1`` where the pool's state of that page is not allocated (1), else 0; a
+        page-0 entry of a row of at most ``short_len`` tokens (graph padding) counts as allocated."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        r = offs // width
+        c = offs % width
+        e = tl.load(table_ptr + r.to(tl.int64) * stride_r + c.to(tl.int64) * stride_c, mask=mask, other=0)
+        e = e.to(tl.int64)
+        length = tl.load(lengths_ptr + r, mask=mask, other=0).to(tl.int64)
+        inside = (e >= 0) & (e < pages)
+        got = tl.load(state_ptr + tl.where(inside, e, 0), mask=mask, other=1)
+        padding = (e == 0) & (length <= short_len)
+        bad = inside & (got != 1) & (padding == 0)
+        tl.store(out_ptr + offs, tl.where(bad, e + 1, 0).to(tl.int32), mask=mask)
+
     _KERNELS: dict = {}
-    _SOURCES = {"dense": (_dense_kernel_src, 5, 26), "flat": (_flat_kernel_src, 6, 22)}
+    _SOURCES = {"dense": (_dense_kernel_src, 5, 26), "flat": (_flat_kernel_src, 6, 22),
+                "not_allocated": (_not_allocated_src, 4, 10)}
 
     def kernel(name: str, interpret: bool):
         """The JIT kernel ``name``, or the same source under Triton's interpreter (CPU tensors)."""

@@ -24,15 +24,16 @@ Per pool: one ``uint8`` state per page (never allocated / allocated / freed) and
 ``int32`` stack id per page (the ``free`` call that released it, interned: at most
 ``MAX_STACKS`` distinct stacks are kept), on the allocator's device, under one lock; one more
 entry at the end takes what an index out of the pool would write. Allocations and frees update
-them with in-place device ops queued on the current stream (no host sync: a CUDA pool is never
-read back on the allocator's path); the range check of an allocator's output
+them with two or three in-place device ops queued on the current stream (no host sync: a CUDA
+pool is never read back on the allocator's path); the range check of an allocator's output
 (``alloc-out-of-range``) reads it on the host, so it runs for CPU pools only.
 
 Reads: the FlashInfer decode rule calls :func:`check_read_pages` with the table it describes.
 A kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffer`` /
 ``v_buffer`` per layer, full and SWA pools alike), else by an unambiguous page count. With
 device ops (no sync), the pool's state is gathered at the table's entries into a derived table
-that holds ``page + 1`` where a page is not allocated and 0 elsewhere; the engine checks that
+that holds ``page + 1`` where a page is not allocated and 0 elsewhere (one Triton launch,
+:func:`not_allocated`); the engine checks that
 table over the region the kernel *attends to* (``ceil(seq_len / ps)`` columns, from the sliding
 window's first token on a window layer) like any page table -- in CUDA graphs too, at every
 replay -- and its findings become ``page-not-allocated`` with the free site's stack (read on the
@@ -91,14 +92,14 @@ class PoolState:
         self.state = torch.zeros(self.pages + 1, dtype=torch.uint8, device=device)  # [pages]: out-of-pool writes
         self.stack = torch.full((self.pages + 1,), -1, dtype=torch.int32, device=device)
 
-    def index(self, page_ids) -> torch.Tensor:
-        """``page_ids`` as indices into the state, an id out of the pool sent to the last entry."""
-        ids = page_ids.reshape(-1).to(device=self.state.device, dtype=torch.int64)
-        return torch.where((ids >= 0) & (ids < self.pages), ids, self.pages)
-
     def mark(self, page_ids, status: int, sid: Optional[int] = None) -> None:
-        """Set the state (and the free stack) of ``page_ids``: device ops, no host sync."""
-        ids = self.index(page_ids)
+        """Set the state (and the free stack) of ``page_ids``: two or three device ops, no host
+        sync. An id past the pool lands in the last entry; a negative one (an allocator bug, which
+        a CPU pool reports as alloc-out-of-range) in the padding page 0's."""
+        ids = page_ids.reshape(-1)
+        if ids.dtype != torch.int64 or ids.device != self.state.device:
+            ids = ids.to(device=self.state.device, dtype=torch.int64)
+        ids = ids.clamp(0, self.pages)
         self.state.index_fill_(0, ids, status)
         if sid is not None:
             self.stack.index_fill_(0, ids, sid)
@@ -349,11 +350,7 @@ class PageTracker:
                 state = self.pool_of(kv)
                 if state is None or state.state.device != view.device:
                     continue
-                n = state.pages
-                entries = view.to(torch.int64)
-                got = state.state[entries.clamp(0, n - 1)]  # one gather of the state at the table
-                bad = (got != ALLOCATED) & (entries >= 0) & (entries < n) & ~_padding(entries, lengths, q_len)
-                derived = torch.where(bad, entries + 1, 0).to(torch.int32)
+                derived = not_allocated(view, lengths, state.state[:state.pages], q_len)
             out.append(PageTable(derived, access.arg, (Buffer(state.key, 1),), access.page_size, lengths=lengths,
                                  lengths_arg=access.lengths_arg, length_offset=access.length_offset,
                                  window_left=-1 if window_left is None else int(window_left), q_len=int(q_len),
@@ -404,6 +401,33 @@ def _not_allocated(finding: Violation, buffers) -> Violation:
         text = tracker.explain(state, page, finding.arg, index, index[0], index[-1])
     return Violation("page-not-allocated", finding.arg, text, index=index, value=page, bound="allocated",
                      count=finding.count, examples=examples)
+
+
+BLOCK = 1024
+
+
+def not_allocated(table, lengths, state, q_len: int, interpret: bool = False):
+    """The derived table of ``table [rows, W]`` (module docstring): ``page + 1`` where
+    ``state[page]`` is not ALLOCATED (a page of the pool, not a graph-padding read), else 0.
+    One Triton launch on a CUDA table (``interpret``: the same kernel under Triton's interpreter),
+    torch ops on a CPU one; no host sync either way."""
+    rows, width = table.shape
+    if table.is_cuda or interpret:
+        from . import kernels
+
+        if kernels.available():
+            out = torch.empty((rows, width), dtype=torch.int32, device=table.device)
+            n = rows * width
+            if n:
+                kernels.kernel("not_allocated", interpret)[(-(-n // BLOCK),)](
+                    table, lengths.contiguous(), state, out, n, width, table.stride(0), table.stride(1),
+                    state.shape[0], q_len + 1, BLOCK=BLOCK)
+            return out
+    entries = table.to(torch.int64)
+    pages = state.shape[0]
+    got = state[entries.clamp(0, pages - 1)]  # one gather of the state at the table
+    bad = (got != ALLOCATED) & (entries >= 0) & (entries < pages) & ~_padding(entries, lengths, q_len)
+    return torch.where(bad, entries + 1, 0).to(torch.int32)
 
 
 def _padding(entries, lengths, q_len: int):

@@ -300,10 +300,11 @@ def test_track_pages_use_after_free_found_in_replayed_graphs():
         san.flush()
         assert san.reports == []
         page = int(table[2, 1])  # row 2 reads its column 1
-        no_sync(lambda: tracker.on_release(state, (torch.tensor([page], device=k.device),), tracker.stack_id()))
+        freed = table[2, 1:2].to(torch.int64)  # the page id, on the GPU (no copy from the host)
+        no_sync(lambda: tracker.on_release(state, (freed,), tracker.stack_id()))
         no_sync(graph.replay)
         torch.cuda.synchronize()
         san.flush()
-    freed = [v for v in san.reports if v.check == "page-not-allocated"]
-    assert freed and freed[0].index[0] == 2 and freed[0].value == page, found(san.reports)
-    assert "is FREE" in freed[0].message and "test_track_pages_use_after_free" in freed[0].message
+    reported = [v for v in san.reports if v.check == "page-not-allocated"]
+    assert reported and reported[0].index[0] == 2 and reported[0].value == page, found(san.reports)
+    assert "is FREE" in reported[0].message and "test_track_pages_use_after_free" in reported[0].message
