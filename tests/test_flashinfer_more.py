@@ -546,3 +546,39 @@ def test_mla_wrapper_plan_checks_the_csr_list_then_reaches_flashinfer():
             plan(torch.tensor([0, 3, 11], dtype=torch.int32))  # past the 10 entries of kv_indices
     v = caught.value.violations[0]
     assert (v.check, v.arg) == ("shape-mismatch", "kv_indptr")
+
+
+def test_request_order_with_separate_k_and_v_tables():
+    """``uses_shared_paged_kv_idx=False``: the request-ordered route takes ``[B, 2, W]``."""
+    args = dict(cake_args(), request_order=torch.tensor([1, 0, 3, 2], dtype=torch.int32),
+                uses_shared_paged_kv_idx=False)
+    args["block_tables"] = torch.stack([args["block_tables"], args["block_tables"]], dim=1).contiguous()
+    with PagedSanitizer(mode="raise") as san:
+        assert reached(flashinfer.decode.trtllm_batch_decode_with_kv_cache, **args)
+    assert san.reports == []
+    args["block_tables"][0, 1, 7] = 64  # row 0's V ids, column 7 of its 8 pages
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            flashinfer.decode.trtllm_batch_decode_with_kv_cache(**args)
+    assert caught.value.violations[0].index == (0, 1, 7)
+
+
+def test_dcp_of_an_empty_rank_still_reads_one_block_pair():
+    """The DCP kernels walk at least one pair of 128-token blocks (max_seq_len 0 included)."""
+    args = dcp(cake_args(max_seq_len=0))
+    args["block_tables"][2, 15] = 99
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise"):
+            flashinfer.decode.trtllm_batch_decode_with_kv_cache(**args)
+    assert caught.value.violations[0].index == (2, 15)
+
+
+def test_cudnn_row_width_is_only_the_fallback_kernels_concern(monkeypatch):
+    import flashinfer.cudnn.decode as cudnn_decode
+
+    args = cudnn_args()
+    args["max_sequence_kv"] = 6 * 16
+    monkeypatch.setattr(cudnn_decode, "CUDNN_AVAILABLE", True)  # the cuDNN graph reshapes to the real width
+    with PagedSanitizer(mode="log") as san:
+        reached(flashinfer.cudnn_batch_decode_with_kv_cache, **args)
+    assert "bad-layout" not in [c for c, *_ in found(san)]

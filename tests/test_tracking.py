@@ -255,3 +255,27 @@ def test_derived_table_kernel_matches_the_torch_ops(seed):
         expected = tracking.not_allocated(view, lengths, state, q_len)
         assert torch.equal(tracking.not_allocated(view, lengths, state, q_len, interpret=True), expected)
         assert int(expected[0].abs().sum()) == 0 and (expected > 0).any()
+
+
+def test_an_out_of_pool_index_marks_nothing_of_the_pool():
+    """A negative or past-the-end id (an allocator bug) lands in the state's spare last entry,
+    never on a page of the pool (page 0 included)."""
+    class Pool:
+        page_size, size, device = 1, 9, "cpu"
+
+    state = tracking.PoolState(Pool(), "a pool")
+    state.mark(torch.tensor([-1, -7, 10, 10**9, 3]), tracking.FREED, sid=5)
+    assert state.state.tolist() == [0, 0, 0, tracking.FREED] + [0] * 6 + [tracking.FREED]
+    assert state.stack[:10].tolist() == [-1, -1, -1, 5] + [-1] * 6
+
+
+@pytest.mark.parametrize("severity", ["off", "warning"])
+def test_page_not_allocated_severity_is_honoured(severity):
+    engine, scheduler = sd.realistic_scheduler("page64-full-decode")
+    scheduler.run(40)
+    with PagedSanitizer(mode="raise", track_pages=True, config={"checks": {"page-not-allocated": severity}}) as san:
+        r = scheduler.running[0]
+        engine.allocator.free(engine.req_to_token[r.row, :64].to(torch.int64))  # its first page, still read
+        scheduler.step()
+    reported = [v for v in san.reports if v.check == "page-not-allocated"]
+    assert (reported == []) if severity == "off" else (reported and reported[0].severity == "warning")

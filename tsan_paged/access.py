@@ -79,6 +79,8 @@ class PageTable:
     form: Optional[tuple] = None  # a key the rule guarantees fixes everything but the tensors' values
     relabel: Optional[Callable] = None  # (finding, buffers) -> the finding it stands for (a derived table:
     #                                     track_pages' page states); a module-level function (it keys plans)
+    reported_as: Optional[str] = None  # with relabel: the check id its findings become (its severity decides
+    #                                    the device's trap and guard)
 
     @property
     def rows(self) -> int:

@@ -234,6 +234,9 @@ def _row_index(r: int) -> tuple:
     return (r,)
 
 
+_KV_INDEX = (lambda r, c: (r, 0, c), lambda r, c: (r, 1, c))  # a [B, 2, W] table's K and V views
+
+
 def _cell_index(r: int, c: int) -> tuple:
     return (r, c)
 
@@ -349,8 +352,7 @@ def table_views(access: PageTable) -> list:
     """``[(2D view [rows, W], index_of, Buffer)]``: what each buffer reads of the table."""
     table, buffers = access.table, access.buffers
     if access.kv_split:  # [B, 2, W]: K ids index K, V ids index V
-        return [(table[:, kv, :], access.index_of or (lambda kv: lambda r, c: (r, kv, c))(kv), buffer)
-                for kv, buffer in enumerate(buffers)]
+        return [(table[:, kv, :], access.index_of or _KV_INDEX[kv], buffer) for kv, buffer in enumerate(buffers)]
     if access.sparse_batch:
         view, n = table.reshape(-1, table.shape[-1]), access.sparse_batch
         index_of = access.index_of or (lambda r, c: (r // n, r % n, c))

@@ -191,7 +191,8 @@ def _page_table_plan(a: PageTable) -> Plan:
            None if lengths is None else (tuple(lengths.shape), lengths.dtype), a.lengths_arg, a.length_offset,
            a.max_len, a.max_len_arg, a.whole_row, a.window_left, a.q_len, a.tile, a.explicit_region,
            None if a.first is None else a.first.dtype, None if a.end is None else a.end.dtype, a.kv_split,
-           a.sparse_batch, a.guard, a.only, a.relabel)
+           a.sparse_batch, a.guard, a.only, a.relabel, a.reported_as,
+           a.index_of if a.relabel is not None else None)  # a derived table's views: each its own plan
 
     def build() -> Plan:
         rows, width = a.rows, a.width
@@ -219,7 +220,7 @@ def _page_table_plan(a: PageTable) -> Plan:
         info = dict(arg=a.arg, lengths_arg=a.lengths_arg, max_len_arg=a.max_len_arg, max_len=a.max_len,
                     page_size=a.page_size, width=width, buffers=views, len_unsigned=len_unsigned,
                     index_of=[v[1] for v in views_of], length_index_of=checks.length_index_of(a),
-                    wide=table.element_size() > 4, only=a.only, relabel=a.relabel)
+                    wide=table.element_size() > 4, only=a.only, relabel=a.relabel, reported_as=a.reported_as)
         return Plan("dense", grid, NUM_WARPS, head, block, align, a.guard, _dense_findings, info)
 
     return _cached(key, build)
@@ -461,9 +462,16 @@ def _slot_findings(plan: Plan, words, previous_hits=None) -> list:
                             examples=(((token,), value),))], info["only"])
 
 
-def err_mask(severity) -> int:
-    """Bit per kernel check whose configured severity is "error" (what trap and guard act on)."""
-    return sum(1 << c for c in range(K.NCHECKS) if severity(K.CHECK_IDS[c]) == "error")
+def err_mask(severity, reported_as: Optional[str] = None) -> int:
+    """Bit per kernel check whose configured severity is "error" (what trap and guard act on);
+    ``reported_as``: the page checks' findings become that check (a derived table's), whose
+    severity counts for them."""
+    def configured(c):
+        if reported_as is not None and c in (K.PAGE0, K.PAGE1, K.DEAD0, K.DEAD1):
+            return severity(reported_as)
+        return severity(K.CHECK_IDS[c])
+
+    return sum(1 << c for c in range(K.NCHECKS) if configured(c) == "error")
 
 
 # ------------------------------------------------------------------------------------------
@@ -590,6 +598,8 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
                        "eager call (or tsan_paged.device.prepare(device)) before capturing.")
             return []
     errs = settings.errs
+    if plan.info.get("reported_as") is not None:
+        errs = err_mask(settings.severity, plan.info["reported_as"])
     if not deferred:
         slot = ring.sync_slot
         launch(ring, plan, tensors, slot, 0, 0, errs)

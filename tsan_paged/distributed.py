@@ -76,16 +76,24 @@ def watch(exit_code: int, on_peer_abort) -> None:
 def _watch(store, own, exit_code, on_peer_abort) -> None:
     while True:
         try:
-            if store.check([KEY]):
-                message = store.get(KEY).decode(errors="replace")
-                if not message.startswith(f"rank {own}:"):
-                    on_peer_abort(message, own)
-                    time.sleep(GRACE_S + POLL_S)  # end after the aborting rank: launchers name the first to exit
-                    os._exit(exit_code)
-                return  # our own abort: this process is ending
+            aborted = store.check([KEY])
         except Exception:  # the store is gone (the job is shutting down): stop watching, never exit
             return
+        if aborted:
+            break
         time.sleep(POLL_S)
+    try:
+        message = store.get(KEY).decode(errors="replace")
+    except Exception:  # the aborting rank hosted the store and is gone already
+        message = "a peer rank aborted (its message is gone with it)"
+    if message.startswith(f"rank {own}:"):
+        return  # our own abort: this process is ending
+    try:
+        on_peer_abort(message, own)
+    except Exception:
+        pass
+    time.sleep(GRACE_S + POLL_S)  # end after the aborting rank: launchers name the first to exit
+    os._exit(exit_code)
 
 
 def announce(summary: str) -> bool:

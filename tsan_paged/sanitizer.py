@@ -213,7 +213,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
         self._record(kept)
         errors = [v for v in kept if v.severity == "error"]
         if errors and self.mode == "abort":
-            _abort(errors, None, self.config.exit_code)
+            _abort(errors, None, self.config.exit_code, tell_peers=self.config.abort_peers)
         if errors and self.mode == "raise":
             if not defer:
                 raise PageTableViolation(errors)

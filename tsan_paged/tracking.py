@@ -94,12 +94,28 @@ class PoolState:
 
     def mark(self, page_ids, status: int, sid: Optional[int] = None) -> None:
         """Set the state (and the free stack) of ``page_ids``: two or three device ops, no host
-        sync. An id past the pool lands in the last entry; a negative one (an allocator bug, which
-        a CPU pool reports as alloc-out-of-range) in the padding page 0's."""
+        sync. An id out of the pool (an allocator bug, which a CPU pool reports as
+        alloc-out-of-range) lands in the last entry: past the end by the clamp, negative as -1
+        (``index_fill_`` counts a negative index from the end).
+
+        On a CUDA pool the ops are queued on the stream the read checks were last queued on,
+        after what the current stream has queued so far: a serving loop that allocates and frees
+        on a scheduling stream while the forward runs on another (SGLang's overlap scheduler)
+        then never sees a page freed before a forward queued earlier reads it."""
         ids = page_ids.reshape(-1)
         if ids.dtype != torch.int64 or ids.device != self.state.device:
             ids = ids.to(device=self.state.device, dtype=torch.int64)
-        ids = ids.clamp(0, self.pages)
+        stream = tracker.read_stream if ids.is_cuda else None
+        if stream is not None and stream != torch.cuda.current_stream(ids.device):
+            stream.wait_stream(torch.cuda.current_stream(ids.device))  # ids are made on the current stream
+            ids.record_stream(stream)
+            with torch.cuda.stream(stream):
+                self._fill(ids, status, sid)
+        else:
+            self._fill(ids, status, sid)
+
+    def _fill(self, ids, status: int, sid: Optional[int]) -> None:
+        ids = ids.clamp(-1, self.pages)
         self.state.index_fill_(0, ids, status)
         if sid is not None:
             self.stack.index_fill_(0, ids, sid)
@@ -124,6 +140,7 @@ class PageTracker:
         self._listener = None
         self._named = weakref.WeakSet()  # SWA allocators whose sub-allocators are named
         self.sinks: list = []  # the sanitizers tracking, in start order: the last one reports
+        self.read_stream = None  # the CUDA stream read checks were last queued on, eagerly (PoolState.mark)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,6 +177,7 @@ class PageTracker:
             self.pools = weakref.WeakKeyDictionary()
             self.by_storage.clear()
             self.by_key.clear()
+            self.read_stream = None
             self._stacks.clear()
             self._stack_list.clear()
             self._named = weakref.WeakSet()
@@ -339,7 +357,7 @@ class PageTracker:
 
     def read_accesses(self, call, access, tensors) -> list:
         """The derived tables of a read (module docstring): device ops, no host sync."""
-        if call.get("enable_block_sparse_attention") or access.lengths is None:
+        if call.get("enable_block_sparse_attention") or access.lengths is None or not call.wants("page-not-allocated"):
             return []
         window_left = call.get("window_left")
         q_len = call.get("max_q_len") or call.get("q_len_per_req") or 1
@@ -351,16 +369,19 @@ class PageTracker:
                 if state is None or state.state.device != view.device:
                     continue
                 derived = not_allocated(view, lengths, state.state[:state.pages], q_len)
+                if view.is_cuda and not torch.cuda.is_current_stream_capturing():
+                    self.read_stream = torch.cuda.current_stream(view.device)
             out.append(PageTable(derived, access.arg, (Buffer(state.key, 1),), access.page_size, lengths=lengths,
                                  lengths_arg=access.lengths_arg, length_offset=access.length_offset,
                                  window_left=-1 if window_left is None else int(window_left), q_len=int(q_len),
-                                 tile=1, index_of=index_of, guard=0, only=_PAGE_FINDINGS, relabel=_not_allocated))
+                                 tile=1, index_of=index_of, guard=0, only=_PAGE_FINDINGS, relabel=_not_allocated,
+                                 reported_as="page-not-allocated"))
         return out
 
     def explain(self, state: PoolState, page: int, arg: str, index: tuple, row: int, col: int) -> str:
         """What a read of a page that is not allocated means (reads the page's state: a sync on a
         CUDA pool, done when the finding is reported, never in the checked call)."""
-        status, sid = int(state.state[page]), int(state.stack[page])
+        status, sid = _read_back(state, page)
         page_size = state.page_size
         tokens = f"tokens {col * page_size}..{(col + 1) * page_size - 1}" if page_size > 1 else f"token {col}"
         if status == FREED:
@@ -385,6 +406,21 @@ class PageTracker:
 
 
 _PAGE_FINDINGS = frozenset({"page-out-of-range"})
+
+
+def _read_back(state: PoolState, page: int) -> tuple:
+    """``(status, free stack id)`` of ``page``, for a report. On a CUDA pool this reads the device
+    (a sync, on the reporting path only: never while a graph is being captured, since device
+    records are read after replays), with a sync-debug mode the user set left out of it."""
+    cuda = state.state.is_cuda
+    previous = torch.cuda.get_sync_debug_mode() if cuda else 0
+    if previous:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        return int(state.state[page]), int(state.stack[page])
+    finally:
+        if previous:
+            torch.cuda.set_sync_debug_mode(previous)
 
 
 def _not_allocated(finding: Violation, buffers) -> Violation:

@@ -27,6 +27,7 @@ serving tables (SGLang's) hold stale values there.
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -642,22 +643,26 @@ def _cake_decode(call):
         return found
     if not _dtypes_and_devices(found, query.device, table, lengths, others=((k, k_name), (v, v_name))):
         return found
-    if table.dim() != 2:
-        return found + [Violation("shape-mismatch", "block_tables", f"block_tables has shape {tuple(table.shape)}; "
-                                  "the Cake decode routes take a shared [batch, W] table", value=tuple(table.shape))]
-    found += checks.check_packed_rows(table, "block_tables")
-    batch, width = int(table.shape[0]), int(table.shape[1])
-    buffer = Buffer("kv_cache", min(int(k.shape[0]), int(v.shape[0])))
     order = call.get("request_order")
+    split = order is not None and not call.get("uses_shared_paged_kv_idx", True)  # [B, 2, W]: K ids, V ids
+    if table.dim() != (3 if split else 2) or (split and table.shape[1] != 2):
+        form = "[batch, 2, W] (uses_shared_paged_kv_idx=False)" if split else "a shared [batch, W]"
+        return found + [Violation("shape-mismatch", "block_tables", f"block_tables has shape {tuple(table.shape)}; "
+                                  f"this Cake decode route takes {form} table", value=tuple(table.shape))]
+    found += checks.check_packed_rows(table, "block_tables")
+    batch, width = int(table.shape[0]), int(table.shape[-1])
+    buffer = Buffer("kv_cache", min(int(k.shape[0]), int(v.shape[0])))
     if order is not None:
         if tuple(order.shape) != (batch,):
             return found + [Violation("shape-mismatch", "request_order", f"request_order has shape "
                                       f"{tuple(order.shape)}, block_tables implies ({batch},)",
                                       value=tuple(order.shape), bound=(batch,))]
         rows = Slots(order, "request_order", Buffer("block_tables rows", batch), guard=None, negative_skipped=False)
-        return found + [rows, PageTable(table, "block_tables", (buffer,), page_size, lengths=lengths,
-                                        max_len=max_seq_len)]
-    blocks = -(-max(int(max_seq_len), 0) // CAKE_BLOCK_TOKENS)
+        buffers = (Buffer(k_name, int(k.shape[0])), Buffer(v_name, int(v.shape[0]))) if split else (buffer,)
+        return found + [rows, PageTable(table, "block_tables", buffers, page_size, lengths=lengths,
+                                        max_len=max_seq_len, kv_split=split)]
+    # the kernels walk at least one block pair, also for an empty rank (max_seq_len 0)
+    blocks = max(1, -(-max(int(max_seq_len), 0) // CAKE_BLOCK_TOKENS))
     columns = max(CAKE_BLOCK_TOKENS // page_size, 1) * 2 * -(-blocks // 2)
     if columns > width:
         return found + [Violation("shape-mismatch", "block_tables", f"block_tables rows hold {width} pages; with "
@@ -671,8 +676,8 @@ def _cake_decode(call):
 # k_cache / v_cache HND [P, H, ps, D]; block_tables [B, pages_per_seq] int32, bound as the K and
 # the V table; actual_seq_lens_kv [B] (the wrapper passes [B, 1, 1, 1]). The cuDNN graph is
 # closed source: the whole row counts as read (as for trtllm-gen). The cubin fallback (no cuDNN
-# frontend) strides rows by max_sequence_kv // ps, not the table's width (its launcher,
-# cudnn_sdpa_kernel_launcher.cu): a table whose rows are not exactly that wide is misread.
+# frontend: cudnn/decode.py CUDNN_AVAILABLE false) strides rows by max_sequence_kv // ps, not the
+# table's width (cudnn_sdpa_kernel_launcher.cu): there a table of another width is misread.
 _CUDNN_READS = ("q", "k_cache", "v_cache", "max_sequence_kv", "actual_seq_lens_kv", "block_tables")
 
 
@@ -687,11 +692,14 @@ def cudnn_batch_decode_with_kv_cache(call):
     page_size = int(k.shape[2])
     if lengths is not None:
         lengths = lengths.reshape(-1)
+        if lengths.device != table.device:  # the fallback takes CPU lengths (and copies them)
+            lengths = lengths.to(table.device, non_blocking=True)
     found = _check_table([], table=table, table_arg="block_tables", lengths=lengths,
                          lengths_arg="actual_seq_lens_kv", batch=None, pages=[("k_cache", int(k.shape[0]))],
                          page_size=page_size, device=q.device, whole_row=True, max_len=max_kv,
                          max_len_arg="max_sequence_kv")
-    if table.dim() == 2 and table.shape[1] != max_kv // page_size:
+    fallback = not getattr(sys.modules.get("flashinfer.cudnn.decode"), "CUDNN_AVAILABLE", False)
+    if fallback and table.dim() == 2 and table.shape[1] != max_kv // page_size:
         found.append(Violation("bad-layout", "block_tables", f"block_tables rows hold {table.shape[1]} pages; the "
                                f"cuDNN fallback kernel strides rows by max_sequence_kv // page_size = "
                                f"{max_kv // page_size}", value=int(table.shape[1]), bound=max_kv // page_size))
@@ -718,13 +726,15 @@ _MLA_PLAN_READS = ("self", "kv_indptr", "kv_indices", "kv_len_arr", "page_size",
 def batch_mla_wrapper_plan(call):
     _, indptr, indices, kv_len, page_size, table, lengths, metadata = call.read(_MLA_PLAN_READS)
     unknown_pages = (Buffer("kv_cache", NO_PAGE_BOUND),)  # the cache comes at run(): structure only
+    # "Metadata tensors may be on CPU or the wrapper device" (SGLang passes CPU indptrs with GPU
+    # indices): described on the indices' (the table's) device, as plan() copies them.
     if indptr is not None and indices is not None:
-        return [CsrPages(indptr, indices, unknown_pages, page_size=page_size, indptr_arg="kv_indptr",
-                         indices_arg="kv_indices")]
+        return [CsrPages(indptr.to(indices.device, non_blocking=True), indices, unknown_pages, page_size=page_size,
+                         indptr_arg="kv_indptr", indices_arg="kv_indices")]
     if table is not None and lengths is not None and page_size:
-        return _check_table([], table=table, table_arg="block_tables", lengths=lengths, lengths_arg="seq_lens",
-                            batch=None, pages=[("kv_cache", NO_PAGE_BOUND)], page_size=page_size,
-                            device=table.device)
+        return _check_table([], table=table, table_arg="block_tables", lengths=lengths.to(table.device),
+                            lengths_arg="seq_lens", batch=None, pages=[("kv_cache", NO_PAGE_BOUND)],
+                            page_size=page_size, device=table.device)
     return []  # metadata=MLAPlanMetadata: checked at run(), against the backend's copies
 
 
@@ -735,11 +745,16 @@ _MLA_RUN_READS = ("self", "ckv_cache", "kv_cache", "kv_len", "page_table")
 def batch_mla_wrapper_run(call):
     wrapper, ckv_cache, kv_cache, kv_len, page_table = call.read(_MLA_RUN_READS)
     backend = getattr(wrapper, "_planned_backend", None)
-    cache = kv_cache if isinstance(kv_cache, torch.Tensor) else ckv_cache
-    if backend is None or not isinstance(cache, torch.Tensor):
-        return []  # not planned, or no cache: the library raises its own error
-    page_size = getattr(backend, "_page_size", None)
-    buffer = Buffer("kv_cache" if cache is kv_cache else "ckv_cache", int(cache.shape[0]))
+    if isinstance(kv_cache, (tuple, list)) and kv_cache and isinstance(kv_cache[0], torch.Tensor):
+        cache, cache_name = kv_cache[0], "kv_cache[0]"  # run(query=, kv_cache=(ckv, kpe)): the preferred form
+    elif isinstance(kv_cache, torch.Tensor):
+        cache, cache_name = kv_cache, "kv_cache"
+    else:
+        cache, cache_name = ckv_cache, "ckv_cache"
+    if not isinstance(cache, torch.Tensor) or (backend is None and (page_table is None or kv_len is None)):
+        return []  # no cache, or neither a plan nor run(page_table=, kv_len=): the library raises its own error
+    page_size = getattr(backend, "_page_size", None) or (int(cache.shape[-2]) if cache.dim() >= 3 else None)
+    buffer = Buffer(cache_name, int(cache.shape[0]))
     indptr, indices = getattr(backend, "_kv_indptr_buf", None), getattr(backend, "_kv_indices_buf", None)
     if isinstance(indptr, torch.Tensor) and isinstance(indices, torch.Tensor):
         return [CsrPages(indptr, indices, (buffer,), page_size=page_size, indptr_arg="kv_indptr",
