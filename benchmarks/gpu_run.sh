@@ -13,6 +13,8 @@
 #   memcheck  compute-sanitizer on the seed's case (benchmarks/gpu_memcheck.py)
 #   tp        benchmarks/gpu_tp_failfast.py: abort in a 2-rank NCCL job (kind nvidia-h200-x2)
 #   track     benchmarks/gpu_track_pages.py: track_pages' host cost per allocation, its cost in a graph
+#   sglang    benchmarks/gpu_sglang.py: SGLang's pools and backends on the GPU (SGLang in /tmp/sgl-site:
+#             carry .device-sgl in a first call with STEPS=sglang-install, docs/gpu.md)
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests,bench,rules}
@@ -48,6 +50,14 @@ if [[ $STEPS == *tp* ]]; then
 fi
 if [[ $STEPS == *track* ]]; then
   python3 benchmarks/gpu_track_pages.py 2>&1 | grep -vi warn | tee "$OUT/gpu_track_pages.log" | tail -12
+fi
+if [[ $STEPS == *sglang-install* ]]; then
+  [ -d /tmp/sgl-site/sglang ] || { mkdir -p /tmp/sgl-site
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sgl-site .device-sgl/*.whl
+    tar -xJf .device-sgl/sgl_src.tar.xz -C /tmp/sgl-site; }
+  ls /tmp/sgl-site | wc -l
+elif [[ $STEPS == *sglang* ]]; then
+  PYTHONPATH=/tmp/sgl-site:$PYTHONPATH python3 benchmarks/gpu_sglang.py 2>&1 | grep -vi warn | tee "$OUT/gpu_sglang.log" | tail -14
 fi
 if [[ $STEPS == *memcheck* ]]; then
   { echo "== plain"; /usr/bin/time -f "wall %e s" python3 benchmarks/gpu_memcheck.py seed

@@ -1,6 +1,8 @@
 """Drive SGLang 0.5.23's real KV pools, allocators and attention backends on a CPU: ``trtllm_mha``
 (the default here), ``triton`` (``triton_backend_for``: its Triton kernels run under the
-interpreter) and ``fa3`` (``fa3_backend_for``: its calls reach SGLang's FA3 wrapper).
+interpreter) and ``fa3`` (``fa3_backend_for``: its calls reach SGLang's FA3 wrapper). With
+``TSAN_PAGED_SGLANG_DEVICE=cuda`` the same on a GPU, with its real kernels
+(``benchmarks/gpu_sglang.py``).
 
 Nothing here re-implements SGLang: it plays the scheduler's part (which requests arrive,
 extend, decode, verify MTP drafts, finish) and calls SGLang's own objects to do the work:
@@ -33,7 +35,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("FLASHINFER_NO_DOWNLOAD", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")  # SGLang's page-table kernel, on a CPU
+DEVICE = os.environ.get("TSAN_PAGED_SGLANG_DEVICE", "cpu")  # "cuda": the same driver on a GPU (gpu_sglang.py)
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # SGLang's page-table kernel, on a CPU
 
 import importlib  # noqa: E402
 import random  # noqa: E402
@@ -62,7 +66,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMo
 if not hasattr(trtllm_mha_backend, "flashinfer"):
     trtllm_mha_backend.flashinfer = flashinfer
 
-HEADS, KV_HEADS, HEAD_DIM = 2, 1, 8
+HEADS, KV_HEADS, HEAD_DIM = (2, 1, 8) if DEVICE == "cpu" else (4, 1, 128)  # xqa: head_dim in [16, 512]
 DTYPE = torch.bfloat16
 
 
@@ -92,7 +96,7 @@ class Engine:
 def make_engine(page_size=64, swa=False, full_tokens=64 * 160, swa_tokens=64 * 48, max_context_len=4096,
                 max_reqs=48, window=256, draft_tokens=0, attention="trtllm_mha") -> Engine:
     """SGLang's pools and allocator as ``ModelRunner`` builds them, plus the backend."""
-    device = "cpu"
+    device = DEVICE
     req_to_token_pool = ReqToTokenPool(size=max_reqs, max_context_len=max_context_len, device=device,
                                        enable_memory_saver=False)
     if swa:  # Gemma-like: layer 0 sliding-window, layer 1 full attention
@@ -121,7 +125,7 @@ def make_engine(page_size=64, swa=False, full_tokens=64 * 160, swa_tokens=64 * 4
 def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, draft_tokens, window=None):
     """A ``TRTLLMHAAttnBackend`` with what its ``__init__`` sets on an sm90 (xqa) GPU, bf16 KV."""
     b = TRTLLMHAAttnBackend.__new__(TRTLLMHAAttnBackend)
-    b.device = "cpu"
+    b.device = DEVICE
     b.page_size = page_size
     b.max_context_len = max_context_len
     b.max_num_pages = (max_context_len + page_size - 1) // page_size  # as __init__ computes it
@@ -131,7 +135,7 @@ def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, 
     # not translating, reads go through req_to_token) and the SWA pool it resolves.
     b.kv_index_translator = KVIndexTranslator(req_to_token=req_to_token_pool.req_to_token,
                                               token_to_kv_pool_allocator=allocator, token_to_kv_pool=pool,
-                                              page_size=page_size, device="cpu")
+                                              page_size=page_size, device=DEVICE)
     b._swa_kv_pool = pool if isinstance(pool, SWAKVPool) else None
     b.use_sliding_window_kv_pool = b._swa_kv_pool is not None
     b._swa_full_to_swa_mapping = pool.full_to_swa_index_mapping if b._swa_kv_pool is not None else None
@@ -146,7 +150,7 @@ def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, 
     b.speculative_num_draft_tokens = draft_tokens or None
     b.topk = 1 if draft_tokens else 0
     b.decode_seq_len_splits = 1
-    b.workspace_buffer = torch.zeros(1024, dtype=torch.uint8)
+    b.workspace_buffer = torch.zeros(1024 if DEVICE == "cpu" else 128 << 20, dtype=torch.uint8, device=DEVICE)
     b._multi_ctas_kv_counter_buffer = None
     b._xqa_spec_dec_mask = None
     b.forward_metadata = None
@@ -181,7 +185,7 @@ def triton_backend_for(req_to_token_pool, pool, allocator, page_size, max_contex
     b.page_size = page_size
     b.kv_index_translator = KVIndexTranslator(req_to_token=req_to_token_pool.req_to_token,
                                               token_to_kv_pool_allocator=allocator, token_to_kv_pool=pool,
-                                              page_size=page_size, device="cpu")
+                                              page_size=page_size, device=DEVICE)
     b.num_draft_tokens = draft_tokens or None
     b.dllm_block_size = None
     b.target_verify_num_tokens_per_req = draft_tokens or 1
@@ -194,7 +198,7 @@ def triton_backend_for(req_to_token_pool, pool, allocator, page_size, max_contex
     b.prepare_chunked_prefill_qkv = b.pack_prefix_chunk_kv = None
     b.v_head_dim, b.swa_v_head_dim = HEAD_DIM, None
     b.max_context_len = max_context_len
-    b.device = "cpu"
+    b.device = DEVICE
     b.device_core_count = 132  # an H100's SM count: get_num_kv_splits' split heuristic
     b.lean_total_programs, b.lean_block_m = 1, decode_attention._LEAN_BLOCK_M
     b.static_kv_splits = False
@@ -203,10 +207,10 @@ def triton_backend_for(req_to_token_pool, pool, allocator, page_size, max_contex
     b.allow_bidirectional_attention_in_extend = False
     b.enable_deterministic = False
     b.split_tile_size = None
-    b.kv_indptr = torch.zeros((max_bs + 1,), dtype=torch.int32)
-    b.window_kv_indptr = torch.zeros((max_bs + 1,), dtype=torch.int32) if window else None
-    b.qo_indptr = torch.zeros((max_bs + 1,), dtype=torch.int64)
-    b.mask_indptr = torch.zeros((max_bs + 1,), dtype=torch.int64)
+    b.kv_indptr = torch.zeros((max_bs + 1,), dtype=torch.int32, device=DEVICE)
+    b.window_kv_indptr = torch.zeros((max_bs + 1,), dtype=torch.int32, device=DEVICE) if window else None
+    b.qo_indptr = torch.zeros((max_bs + 1,), dtype=torch.int64, device=DEVICE)
+    b.mask_indptr = torch.zeros((max_bs + 1,), dtype=torch.int64, device=DEVICE)
     b.forward_metadata = None
     b._verify_mask = None
     b.is_draft_runner = False
@@ -261,7 +265,7 @@ def fa3_backend_for(req_to_token_pool, pool, allocator, page_size, max_context_l
     b.is_encoder_decoder = False
     b.forward_metadata = b.forward_metadata_spec_decode_expand = None
     b.max_context_len = max_context_len
-    b.device = "cpu"
+    b.device = DEVICE
     b.decode_cuda_graph_metadata, b.target_verify_metadata = {}, {}
     b.req_to_token_pool, b.token_to_kv_pool = req_to_token_pool, pool
     b.req_to_token = req_to_token_pool.req_to_token
@@ -272,7 +276,7 @@ def fa3_backend_for(req_to_token_pool, pool, allocator, page_size, max_context_l
     b.use_mla = False
     b.kv_index_translator = KVIndexTranslator(req_to_token=req_to_token_pool.req_to_token,
                                               token_to_kv_pool_allocator=allocator, token_to_kv_pool=pool,
-                                              page_size=page_size, device="cpu")
+                                              page_size=page_size, device=DEVICE)
     b.skip_prefill = False
     b.attn_cp_size = 1
     b._verify_mask = None
@@ -358,24 +362,25 @@ class Scheduler:
         self.stats = Stats()
         self.on_call = on_call or (lambda fn: fn())
         self.before_forward = None  # (reqs, seq_lens, tokens_per_req): after allocation, before the tables
-        self.q = torch.zeros(_padded(max_running) * max(draft_tokens, 1), HEADS * HEAD_DIM, dtype=DTYPE)
+        self.q = torch.zeros(_padded(max_running) * max(draft_tokens, 1), HEADS * HEAD_DIM, dtype=DTYPE, device=DEVICE)
 
     # -- allocation, as ScheduleBatch.prepare_for_extend / _decode call SGLang ----------
     def _alloc(self, reqs, prefix, seq):
         """Slots for positions [prefix, seq) of each request, written into req_to_token."""
         e, a = self.e, self.e.allocator
-        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
-        prefix_t = torch.tensor(prefix, dtype=torch.int64)
-        seq_t = torch.tensor(seq, dtype=torch.int64)
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64, device=DEVICE)
+        prefix_t = torch.tensor(prefix, dtype=torch.int64, device=DEVICE)
+        seq_t = torch.tensor(seq, dtype=torch.int64, device=DEVICE)
         n = int((seq_t - prefix_t).sum())
         if e.page_size == 1:
             out = a.alloc(n)
         else:
             last_loc = get_last_loc_torch(e.req_to_token, rows, prefix_t)
+            prefix_cpu, seq_cpu = prefix_t.cpu(), seq_t.cpu()
             if all(s - p == 1 for p, s in zip(prefix, seq)):
-                out = a.alloc_decode(seq_t, seq_t, last_loc)
+                out = a.alloc_decode(seq_t, seq_cpu, last_loc)
             else:
-                out = a.alloc_extend(prefix_t, prefix_t, seq_t, seq_t, last_loc, n)
+                out = a.alloc_extend(prefix_t, prefix_cpu, seq_t, seq_cpu, last_loc, n)
         if out is None:
             return False
         pt = 0
@@ -410,8 +415,8 @@ class Scheduler:
     # -- forward batches and the backend ------------------------------------------------
     def _forward(self, mode, reqs, seq_lens, out_cache_loc, tokens_per_req=1):
         e, b = self.e, self.e.backend
-        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64)
-        seq = torch.tensor(seq_lens, dtype=torch.int64)
+        rows = torch.tensor([r.row for r in reqs], dtype=torch.int64, device=DEVICE)
+        seq = torch.tensor(seq_lens, dtype=torch.int64, device=DEVICE)
         bs = len(reqs)
         if self.pad_batches:
             # What ForwardBatch's padding (forward_batch_info.py, _pad_tensor_to_size) and the graph
@@ -424,13 +429,13 @@ class Scheduler:
             seq = torch.cat([seq, seq.new_full((bs - len(reqs),), fill)])
             out_cache_loc = torch.cat([out_cache_loc, out_cache_loc.new_zeros((bs - len(reqs)) * tokens_per_req)])
         n = bs * tokens_per_req
-        fb = ForwardBatch(forward_mode=mode, batch_size=bs, input_ids=torch.zeros(n, dtype=torch.int64),
+        fb = ForwardBatch(forward_mode=mode, batch_size=bs, input_ids=torch.zeros(n, dtype=torch.int64, device=DEVICE),
                           req_pool_indices=rows, seq_lens=seq, out_cache_loc=out_cache_loc,
                           seq_lens_sum=int(seq.sum()))
-        fb.seq_lens_cpu = seq
+        fb.seq_lens_cpu = seq.cpu()
         if self.before_forward is not None:
             self.before_forward(reqs, seq_lens, tokens_per_req)
-        fb.kv_loc_plan = b.kv_index_translator.plan(req_pool_indices=rows, seq_lens=seq, seq_lens_cpu=seq,
+        fb.kv_loc_plan = b.kv_index_translator.plan(req_pool_indices=rows, seq_lens=seq, seq_lens_cpu=fb.seq_lens_cpu,
                                                     write_virtual=out_cache_loc)
         start = _now()
         b.init_forward_metadata(fb)
