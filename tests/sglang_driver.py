@@ -153,6 +153,13 @@ def backend_for(req_to_token_pool, pool, allocator, page_size, max_context_len, 
     b.workspace_buffer = torch.zeros(1024 if DEVICE == "cpu" else 128 << 20, dtype=torch.uint8, device=DEVICE)
     b._multi_ctas_kv_counter_buffer = None
     b._xqa_spec_dec_mask = None
+    if draft_tokens:  # as __init__ builds it for xqa speculative decoding (the kernel requires it on a GPU)
+        max_bs = req_to_token_pool.size + 1
+        words_per_row = (draft_tokens + 31) // 32 * 2
+        row = torch.arange(draft_tokens, dtype=torch.int32)[:, None]
+        word = torch.arange(words_per_row, dtype=torch.int32)[None, :]
+        mask = ((1 << (row + 1 - 16 * word).clamp(0, 16)) - 1).to(torch.uint16)
+        b._xqa_spec_dec_mask = mask.unsqueeze(0).expand(max_bs, -1, -1).contiguous().to(DEVICE)
     b.forward_metadata = None
     return b
 
