@@ -357,7 +357,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: Engine, seed=0, draft_tokens=0, max_running=12, prompt=(1, 900),
-                 output=(1, 300), chunk=512, on_call=None, pad_batches=False):
+                 output=(1, 300), chunk=512, on_call=None, pad_batches=False, graphs=False):
         self.e = engine
         self.pad_batches = pad_batches  # pad decode/verify batches as SGLang's CUDA-graph runner does
         self.rng = random.Random(seed)
@@ -369,6 +369,7 @@ class Scheduler:
         self.stats = Stats()
         self.on_call = on_call or (lambda fn: fn())
         self.before_forward = None  # (reqs, seq_lens, tokens_per_req): after allocation, before the tables
+        self.graphs = GraphRunner(engine, _padded(max_running), self.on_call) if graphs else None
         self.q = torch.zeros(_padded(max_running) * max(draft_tokens, 1), HEADS * HEAD_DIM, dtype=DTYPE, device=DEVICE)
 
     # -- allocation, as ScheduleBatch.prepare_for_extend / _decode call SGLang ----------
@@ -444,10 +445,14 @@ class Scheduler:
             self.before_forward(reqs, seq_lens, tokens_per_req)
         fb.kv_loc_plan = b.kv_index_translator.plan(req_pool_indices=rows, seq_lens=seq, seq_lens_cpu=fb.seq_lens_cpu,
                                                     write_virtual=out_cache_loc)
+        q = self.q[:n]
+        if self.graphs is not None and mode.is_decode():
+            self.graphs.step(fb, q)
+            self.stats.calls += len(e.layers)
+            return fb
         start = _now()
         b.init_forward_metadata(fb)
         self.stats.build_ns.append(_now() - start)
-        q = self.q[:n]
         for layer in e.layers:
             if mode.is_decode():
                 self.on_call(lambda: b.forward_decode(q, None, None, layer, fb, save_kv_cache=False))
@@ -529,6 +534,62 @@ class Scheduler:
         for r in self.running + self.prefilling:
             self._free(r)
         self.running, self.prefilling = [], []
+
+
+class GraphRunner:
+    """Decode steps as SGLang's CUDA-graph runner drives a backend (``trtllm_mha``): its graph
+    state made once (``init_cuda_graph_state``), per padded batch size a capture
+    (``init_forward_metadata_out_graph(in_capture=True)``, then ``init_forward_metadata_in_graph``
+    and the layers' ``forward_decode`` inside the graph), and per later step the replay
+    (``init_forward_metadata_out_graph``, then the graph: ``_in_graph`` and the kernels). The
+    tables are the backend's static graph buffers, which keep earlier steps' entries. On a GPU
+    the in-graph part is captured in a ``torch.cuda.CUDAGraph`` and replayed; on a CPU it is run
+    as it would be replayed."""
+
+    def __init__(self, engine: "Engine", max_bs: int, on_call):
+        self.e, self.max_bs, self.on_call = engine, max_bs, on_call
+        self.captured: dict = {}  # bs -> CUDAGraph (GPU) or True (CPU)
+        self.ready = False
+        self.captures = self.replays = 0
+
+    def _in_graph(self, fb, q):
+        b = self.e.backend
+        b.init_forward_metadata_in_graph(fb)
+        for layer in self.e.layers:
+            b.forward_decode(q, None, None, layer, fb, save_kv_cache=False)
+
+    def step(self, fb, q):
+        b, bs = self.e.backend, fb.batch_size
+        if not self.ready:
+            b.init_cuda_graph_state(self.max_bs, self.max_bs)
+            self.ready = True
+        fb.positions = torch.zeros(bs, dtype=torch.int64, device=DEVICE)
+        if bs not in self.captured:
+            b.init_forward_metadata_out_graph(fb, in_capture=True)
+            if DEVICE == "cpu":
+                self.captured[bs] = True
+                self.on_call(lambda: self._in_graph(fb, q))
+            else:
+                self._in_graph(fb, q)  # warm-up: kernels compiled, sanitizer rings made
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._in_graph(fb, q)
+                self.captured[bs] = graph
+            self.captures += 1
+            self._static = getattr(self, "_static", {})
+            self._static[bs] = fb  # the captured graph reads this batch's tensors: later steps copy into them
+            return
+        static = self._static[bs]
+        b.init_forward_metadata_out_graph(fb, in_capture=False)
+        for name in ("req_pool_indices", "seq_lens", "out_cache_loc"):
+            getattr(static, name).copy_(getattr(fb, name))
+        static.seq_lens_cpu, static.seq_lens_sum, static.kv_loc_plan = fb.seq_lens_cpu, fb.seq_lens_sum, fb.kv_loc_plan
+        if DEVICE == "cpu":
+            self.on_call(lambda: self._in_graph(static, q))
+        else:
+            self.captured[bs].replay()
+        self.replays += 1
 
 
 def _padded(bs: int) -> int:
