@@ -423,3 +423,18 @@ def test_fa3_backend_live_fault_caught_at_sglang_call(name):
     assert (found.check, found.arg, found.index, found.value) == ("page-out-of-range", "page_table", (row, col),
                                                                   value)
     assert "flashattention_backend.py" in found.caller and "forward_decode" in found.caller
+
+
+def test_pool_write_checked_once_per_step_not_per_layer():
+    """Every layer writes through the step's one ``loc``: the first layer's write is checked, the
+    others' are not; a loc changed in place (a graph's static buffer) is checked again."""
+    from tsan_paged.registry import Call, registry
+
+    pool = mha_pool(1)
+    target = "sglang.srt.mem_cache.memory_pool:MHATokenToKVPool.set_kv_buffer"
+    [rule] = registry.for_target(target)
+    loc = torch.tensor([1, 2, 3])
+    checked = [len(rule.check(Call(target, {"self": pool, "loc_info": loc}))) for _layer in range(4)]
+    assert checked == [1, 0, 0, 0]
+    loc[0] = 5  # the next step's slots, written into the same buffer
+    assert len(rule.check(Call(target, {"self": pool, "loc_info": loc}))) == 1

@@ -41,7 +41,9 @@ below are relative to ``site-packages/sglang``.
   ``size + page_size`` rows (``_create_buffers``; SGLang's own optional check,
   ``maybe_detect_oob``, uses the same bound). ``k_buffer[loc] = k`` wraps a negative slot onto
   the last rows: negative slots are out of range here. ``SWAKVPool.set_kv_buffer`` translates
-  ``loc`` and calls the MHA pool's, which is checked with the translated slots.
+  ``loc`` and calls the MHA pool's, which is checked with the translated slots. Every layer of a
+  step writes through the same ``loc``: an eager step checks it at the first layer's write only
+  (a captured graph checks every layer's).
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ POOLS = "sglang.srt.mem_cache.memory_pool"
 _WRITE_READS = ("self", "loc_info")
 
 
+_last_write: list = [None]  # (loc, its version, the bound) of the last write checked
+
+
 def _pool_write(call, dcp_widened=False):
     pool, loc = call.read(_WRITE_READS)
     loc = getattr(loc, "loc", loc)  # a KVWriteLoc (memory_pool.py unwrap_write_loc) or the slots
@@ -204,6 +209,17 @@ def _pool_write(call, dcp_widened=False):
     rows = int(pool.size) + int(pool.page_size)
     if dcp_widened:  # set_mla_kv_buffer: loc is widened under decode context parallel
         rows *= int(getattr(pool, "_write_loc_dcp_span", 1))
+    # Every layer of a step writes through the same loc tensor: an eager step checks it once, not
+    # once per layer. A loc written in place since, or another pool's bound, is checked again;
+    # while a graph is captured every write is (a capture must hold its own check).
+    if loc.is_cuda and torch.cuda.is_current_stream_capturing():
+        _last_write[0] = None
+    else:
+        seen = (loc, loc._version, rows)
+        last = _last_write[0]
+        if last is not None and last[0] is loc and last[1:] == seen[1:]:
+            return []
+        _last_write[0] = seen
     return [Slots(loc.reshape(-1), "loc", Buffer(f"{type(pool).__name__} (size + page_size)", rows), guard=0,
                   negative_skipped=False)]
 
