@@ -57,7 +57,7 @@ if [[ $STEPS == *sglang-install* ]]; then
     tar -xJf .device-sgl/sgl_src.tar.xz -C /tmp/sgl-site; }
   ls /tmp/sgl-site | wc -l
 elif [[ $STEPS == *sglang* ]]; then
-  PYTHONPATH=/tmp/sgl-site:$PYTHONPATH python3 benchmarks/gpu_sglang.py 2>&1 | grep -vi warn | tee "$OUT/gpu_sglang.log" | tail -14
+  PYTHONPATH=/tmp/sgl-site:$PYTHONPATH python3 benchmarks/gpu_sglang.py 2>&1 | grep -vE "UserWarning|warnings\.warn|\| WARNING " | tee "$OUT/gpu_sglang.log" | tail -24
 fi
 if [[ $STEPS == *memcheck* ]]; then
   { echo "== plain"; /usr/bin/time -f "wall %e s" python3 benchmarks/gpu_memcheck.py seed

@@ -15,6 +15,7 @@ not run there: ``tests/gpu/sgl_kernel_stub.py`` answers its imports with functio
 
 import os
 import statistics
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -30,13 +31,14 @@ STUBBED = sgl_kernel_stub.install()
 import torch  # noqa: E402
 
 import sglang_driver as sd  # noqa: E402
-from tsan_paged import PagedSanitizer, PageTableViolation  # noqa: E402
+from tsan_paged import PagedSanitizer  # noqa: E402
 
-STEPS = int(os.environ.get("TSAN_PAGED_SGLANG_STEPS", "400"))
+STEPS = int(os.environ.get("TSAN_PAGED_SGLANG_STEPS", "2000"))
 CONFIGS = [tuple(c.split(":")) for c in os.environ.get(
-    "TSAN_PAGED_SGLANG_CONFIGS", "trtllm_mha:page64-swa-mtp3,trtllm_mha:page1-full-decode,"
-    "trtllm_mha:page64-full-decode,trtllm_mha:page64-full-decode:graphs,trtllm_mha:page1-full-decode:graphs,"
-    "triton:page64-full-decode,triton:page1-full-decode").split(",")]
+    "TSAN_PAGED_SGLANG_CONFIGS",
+    ",".join(f"trtllm_mha:{name}{mode}" for mode in (":graphs", "") for name in sd.CONFIGS)
+    + ",triton:page64-full-decode:graphs,triton:page1-full-decode:graphs,triton:page64-full-decode,"
+    "triton:page1-full-decode").split(",")]
 
 
 def scheduler(attention, name, seed, graphs=False):
@@ -62,48 +64,82 @@ def timed_steps(sched, steps):
     return times
 
 
+def clean_run(attention, name, graphs):
+    """The same seeded sequence unsanitized, under ``PagedSanitizer(mode="log")``, and with
+    ``track_pages=True`` too (SGLang's allocators shadowed on the device)."""
+    _, plain = scheduler(attention, name, 1, graphs)
+    bare = statistics.median(timed_steps(plain, STEPS)) * 1e3
+    row = [attention, name + (" (CUDA graphs)" if graphs else "")]
+    for track in (False, True):
+        _, checked = scheduler(attention, name, 1, graphs)
+        with PagedSanitizer(mode="log", track_pages=track) as san:
+            ms = statistics.median(timed_steps(checked, STEPS)) * 1e3
+            san.flush()  # a replayed graph's findings are read here
+        errors = [v for v in san.reports if v.severity == "error"]
+        warnings = Counter(v.check for v in san.reports if v.severity != "error")
+        if not track:
+            stats = checked.stats
+            row += [stats.decode_steps + stats.verify_steps, checked.graphs.replays if graphs else "-", stats.calls,
+                    len(errors), ", ".join(f"{n} {check}" for check, n in sorted(warnings.items())) or "0",
+                    f"{bare:.3f}", f"{ms:.3f}", f"{ms - bare:+.3f} ({(ms - bare) / bare:+.1%})"]
+        else:
+            row += [len(errors), f"{ms - bare:+.3f} ({(ms - bare) / bare:+.1%})"]
+    return row
+
+
+def planted_run(attention, name, graphs, fault):
+    """A fault planted in a decode/verify batch, in graph mode before a replayed step: the seed's
+    (``sd.plant_seed_fault``: a live entry one page past its pool) or a use-after-free
+    (``sd.plant_use_after_free``, under track_pages). What the sanitizer reports first, against
+    what was planted."""
+    engine, sched = scheduler(attention, name, 2, graphs)
+    planted = []
+
+    def plant(reqs, seq_lens, tokens_per_req):
+        if not planted and len(reqs) > 1 and seq_lens[1] > 2 * engine.page_size and (
+                not graphs or sched.graphs.replays):
+            planted.append(sd.plant_seed_fault(engine, reqs, seq_lens, tokens_per_req) if fault == "seed"
+                           else sd.plant_use_after_free(engine, reqs, seq_lens, tokens_per_req))
+
+    sched.before_forward = plant
+    with PagedSanitizer(mode="log", track_pages=fault == "use-after-free") as found:
+        for _ in range(STEPS):
+            sched.step()
+            if planted:
+                break  # a later free of the planted slot would index SGLang's own tables out of bounds
+        found.flush()
+    if not planted:
+        return "not planted"
+    first = [v for v in found.reports if v.severity == "error"]
+    if not first:
+        return "NOT CAUGHT"
+    v, (row, col, value) = first[0], planted[0]
+    ps = engine.page_size
+    # a CSR slot list (SGLang's Triton kernels) names the entry in token slots, not pages
+    exact = (tuple(v.index), v.value) in (((row, col), value), ((row, col * ps), value * ps))
+    return (f"{v.check} {v.arg}{list(v.index)} = {v.value} ({'as planted' if exact else 'PLANTED '}"
+            f"{'' if exact else f'[{row}, {col}] = {value}'}) at {v.caller.split('/')[-1]}")
+
+
 def main():
     where = torch.cuda.get_device_name() if sd.DEVICE == "cuda" else "CPU (dry run)"
-    print(f"torch {torch.__version__}, {where}, sgl-kernel stubbed: {STUBBED}", flush=True)
+    print(f"torch {torch.__version__}, {where}, sgl-kernel stubbed: {STUBBED}, {STEPS} scheduler steps per run",
+          flush=True)
     rows = []
     for attention, name, *mode in CONFIGS:
-        graphs = mode == ["graphs"]
-        _, plain = scheduler(attention, name, 1, graphs)
-        bare = timed_steps(plain, STEPS)
-        _, checked = scheduler(attention, name, 1, graphs)  # the same seeded sequence
-        with PagedSanitizer(mode="log") as san:
-            sanitized = timed_steps(checked, STEPS)
-            san.flush()
-        errors = [v for v in san.reports if v.severity == "error"]
-        engine, planted_sched = scheduler(attention, name, 2, graphs)
-        planted = []
-
-        def plant(reqs, seq_lens, tokens_per_req):
-            if not planted and len(reqs) > 1 and seq_lens[1] > 2 * engine.page_size and (
-                    not graphs or planted_sched.graphs.replays):
-                engine.req_to_token[reqs[1].row, engine.page_size] = engine.pool.size + 5 * engine.page_size
-                planted.append(1)
-
-        planted_sched.before_forward = plant
-        caught = "not caught"
-        with PagedSanitizer(mode="log") as found:  # log: a replayed graph's findings come at the flush
-            for _ in range(STEPS):
-                planted_sched.step()
-                if planted:
-                    break
-            found.flush()
-        first = [v for v in found.reports if v.severity == "error"]
-        if first:
-            v = first[0]
-            caught = f"{v.check} {v.arg}{list(v.index)} = {v.value} at {v.caller.split('/')[-1]}"
-        name = f"{name}{' (CUDA graphs)' if graphs else ''}"
-        b, c = statistics.median(bare) * 1e3, statistics.median(sanitized) * 1e3
-        rows.append((attention, name, checked.stats.decode_steps + checked.stats.verify_steps, checked.stats.calls,
-                     len(errors), len(san.reports), f"{b:.2f}", f"{c:.2f}", f"{c - b:+.2f}", caught))
+        rows.append(clean_run(attention, name, mode == ["graphs"]))
         print(rows[-1], flush=True)
-    print("\n| backend | configuration | decode/verify steps | kernel calls | errors | reports | ms/step bare "
-          "| ms/step sanitized | added | seed-style fault planted |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    # Faults last, SWA ones at the very end: an entry the sanitizer only logs is then read by the kernel.
+    order = sorted(range(len(CONFIGS)), key=lambda i: sd.CONFIGS[CONFIGS[i][1]][0]["swa"])
+    for fault in ("use-after-free", "seed"):
+        for i in order:
+            attention, name, *mode = CONFIGS[i]
+            rows[i].append(planted_run(attention, name, mode == ["graphs"], fault))
+            print(CONFIGS[i], fault, rows[i][-1], flush=True)
+    print("\n| backend | configuration | decode/verify steps | graph replays | kernel calls | errors | warnings "
+          "| ms/step bare | ms/step sanitized | added | errors, track_pages | added, track_pages "
+          "| use-after-free planted (track_pages) | seed's fault planted |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
 

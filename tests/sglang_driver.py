@@ -369,7 +369,7 @@ class Scheduler:
         self.stats = Stats()
         self.on_call = on_call or (lambda fn: fn())
         self.before_forward = None  # (reqs, seq_lens, tokens_per_req): after allocation, before the tables
-        self.graphs = GraphRunner(engine, _padded(max_running), self.on_call) if graphs else None
+        self.graphs = GraphRunner(engine, _padded(max_running), max(draft_tokens, 1), self.on_call) if graphs else None
         self.q = torch.zeros(_padded(max_running) * max(draft_tokens, 1), HEADS * HEAD_DIM, dtype=DTYPE, device=DEVICE)
 
     # -- allocation, as ScheduleBatch.prepare_for_extend / _decode call SGLang ----------
@@ -446,8 +446,8 @@ class Scheduler:
         fb.kv_loc_plan = b.kv_index_translator.plan(req_pool_indices=rows, seq_lens=seq, seq_lens_cpu=fb.seq_lens_cpu,
                                                     write_virtual=out_cache_loc)
         q = self.q[:n]
-        if self.graphs is not None and mode.is_decode():
-            self.graphs.step(fb, q)
+        if self.graphs is not None and (mode.is_decode() or mode.is_target_verify()):
+            self.graphs.step(fb, q, tokens_per_req)
             self.stats.calls += len(e.layers)
             return fb
         start = _now()
@@ -537,59 +537,104 @@ class Scheduler:
 
 
 class GraphRunner:
-    """Decode steps as SGLang's CUDA-graph runner drives a backend (``trtllm_mha``): its graph
-    state made once (``init_cuda_graph_state``), per padded batch size a capture
-    (``init_forward_metadata_out_graph(in_capture=True)``, then ``init_forward_metadata_in_graph``
-    and the layers' ``forward_decode`` inside the graph), and per later step the replay
-    (``init_forward_metadata_out_graph``, then the graph: ``_in_graph`` and the kernels). The
-    tables are the backend's static graph buffers, which keep earlier steps' entries. On a GPU
-    the in-graph part is captured in a ``torch.cuda.CUDAGraph`` and replayed; on a CPU it is run
-    as it would be replayed."""
+    """Decode and MTP-verify steps as SGLang's CUDA-graph runner drives a backend (``trtllm_mha``):
+    its graph state made once (``init_cuda_graph_state``), per forward mode and padded batch size
+    a capture (``init_forward_metadata_out_graph(in_capture=True)``, then
+    ``init_forward_metadata_in_graph`` and the layers' forward inside the graph), and per later
+    step the replay (``init_forward_metadata_out_graph``, then the graph: ``_in_graph`` and the
+    kernels). The tables are the backend's static graph buffers, which keep earlier steps'
+    entries. On a GPU the in-graph part is captured in a ``torch.cuda.CUDAGraph`` and replayed;
+    on a CPU it is run as it would be replayed."""
 
-    def __init__(self, engine: "Engine", max_bs: int, on_call):
+    def __init__(self, engine: "Engine", max_bs: int, tokens_per_req: int, on_call):
         self.e, self.max_bs, self.on_call = engine, max_bs, on_call
-        self.captured: dict = {}  # bs -> CUDAGraph (GPU) or True (CPU)
+        self.max_tokens = max_bs * tokens_per_req
+        self.captured: dict = {}  # (mode, bs) -> CUDAGraph (GPU) or True (CPU)
+        self.static: dict = {}  # (mode, bs) -> the captured ForwardBatch, whose tensors later steps refill
         self.ready = False
         self.captures = self.replays = 0
 
     def _in_graph(self, fb, q):
+        """What the graph holds. On a CPU each layer's kernel call goes through ``on_call`` (there
+        FlashInfer refuses the CPU tensors once the sanitizer lets a call through)."""
         b = self.e.backend
         b.init_forward_metadata_in_graph(fb)
+        forward = b.forward_decode if fb.forward_mode.is_decode() else b.forward_extend
         for layer in self.e.layers:
-            b.forward_decode(q, None, None, layer, fb, save_kv_cache=False)
+            if DEVICE == "cpu":
+                self.on_call(lambda: forward(q, None, None, layer, fb, save_kv_cache=False))
+            else:
+                forward(q, None, None, layer, fb, save_kv_cache=False)
 
-    def step(self, fb, q):
-        b, bs = self.e.backend, fb.batch_size
+    def step(self, fb, q, tokens_per_req=1):
+        b, key = self.e.backend, (fb.forward_mode, fb.batch_size)
         if not self.ready:
-            b.init_cuda_graph_state(self.max_bs, self.max_bs)
+            b.init_cuda_graph_state(self.max_bs, self.max_tokens)
             self.ready = True
-        fb.positions = torch.zeros(bs, dtype=torch.int64, device=DEVICE)
-        if bs not in self.captured:
+        fb.positions = torch.zeros(fb.batch_size * tokens_per_req, dtype=torch.int64, device=DEVICE)
+        if key not in self.captured:
             b.init_forward_metadata_out_graph(fb, in_capture=True)
             if DEVICE == "cpu":
-                self.captured[bs] = True
-                self.on_call(lambda: self._in_graph(fb, q))
+                self.captured[key] = True
+                self._in_graph(fb, q)
             else:
                 self._in_graph(fb, q)  # warm-up: kernels compiled, sanitizer rings made
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self._in_graph(fb, q)
-                self.captured[bs] = graph
+                self.captured[key] = graph
             self.captures += 1
-            self._static = getattr(self, "_static", {})
-            self._static[bs] = fb  # the captured graph reads this batch's tensors: later steps copy into them
+            self.static[key] = fb  # the captured graph reads this batch's tensors: later steps copy into them
             return
-        static = self._static[bs]
+        static = self.static[key]
         b.init_forward_metadata_out_graph(fb, in_capture=False)
-        for name in ("req_pool_indices", "seq_lens", "out_cache_loc"):
+        for name in ("req_pool_indices", "seq_lens", "out_cache_loc", "positions"):
             getattr(static, name).copy_(getattr(fb, name))
         static.seq_lens_cpu, static.seq_lens_sum, static.kv_loc_plan = fb.seq_lens_cpu, fb.seq_lens_sum, fb.kv_loc_plan
         if DEVICE == "cpu":
-            self.on_call(lambda: self._in_graph(static, q))
+            self._in_graph(static, q)
         else:
-            self.captured[bs].replay()
+            self.captured[key].replay()
         self.replays += 1
+
+
+def plant_seed_fault(engine: Engine, reqs, seq_lens, tokens_per_req, i=1):
+    """The seed's fault in request ``reqs[i]``'s last live page, which the kernel reads: one page
+    past the end of the pool that page's layer reads. Without SWA the request's token slot there
+    becomes the first slot past the full pool; with SWA, SGLang's own full->SWA mapping writer maps
+    it one page past the SWA pool (the seed's case: an SWA table entry equal to the page count),
+    so the full-attention table stays valid and no SGLang kernel indexes out of bounds building
+    the tables. Call it from ``Scheduler.before_forward``. Returns the table entry the sanitizer
+    must report: (row, column, value)."""
+    ps = engine.page_size
+    kv_len = seq_lens[i] + (tokens_per_req if tokens_per_req > 1 else 0)  # a verify row reads its drafts too
+    col = (kv_len - 1) // ps
+    row = reqs[i].row
+    if engine.swa:
+        slot = engine.req_to_token[row, col * ps].long().view(1)
+        value = engine.swa_pages()
+        engine.allocator.set_full_to_swa_mapping(slot, torch.tensor([value * ps], device=DEVICE))
+    else:
+        value = engine.pool.get_key_buffer(0).shape[0] // ps
+        engine.req_to_token[row, col * ps] = value * ps
+    return i, col, value
+
+
+def plant_use_after_free(engine: Engine, reqs, seq_lens, tokens_per_req, i=1):
+    """Request ``reqs[i]`` freed with SGLang's own ``free`` while the batch about to run (already
+    allocated, its tables not built yet) still holds it: under ``track_pages`` the sanitizer
+    must report it as ``page-not-allocated``. Call it from ``Scheduler.before_forward``.
+    Returns the entry reported first, (row, column, value): without SWA the row's first page;
+    with SWA the sliding-window layer's (it runs first), whose table the free turned to page 0
+    (SGLang clears a freed slot's full->SWA mapping) from the window's first page on."""
+    slots = engine.req_to_token[reqs[i].row, :reqs[i].allocated].to(torch.int64)
+    engine.allocator.free(slots)
+    if not engine.swa:
+        return i, 0, int(slots[0]) // engine.page_size
+    q_len = tokens_per_req
+    kv_len = seq_lens[i] + (tokens_per_req if tokens_per_req > 1 else 0)
+    return i, max(kv_len - q_len - (engine.window - 1), 0) // engine.page_size, 0
 
 
 def _padded(bs: int) -> int:

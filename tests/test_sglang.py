@@ -223,15 +223,16 @@ def test_sanitizer_started_before_sglang_import_catches_its_calls(tmp_path):
     assert out["caller"].endswith(SGLANG_CALL_SITE)
 
 
-@pytest.mark.parametrize("name", ["page64-full-decode", "page1-full-decode"])
+@pytest.mark.parametrize("name", ["page64-full-decode", "page1-full-decode", "page64-swa-mtp3"])
 def test_graph_runner_hooks_replayed_steps_checked(name):
     """Decode as SGLang's CUDA-graph runner drives trtllm_mha (``sd.GraphRunner``: its graph state,
     a capture per padded batch size, then replays through ``init_forward_metadata_out_graph`` and
     the in-graph ``init_forward_metadata_in_graph``): the static graph tables, which keep earlier
     steps' entries, give no error; a live stale slot planted before a replayed step is caught."""
-    kwargs, _ = sd.CONFIGS[name]
-    engine = sd.make_engine(**kwargs)
-    sched = sd.Scheduler(engine, seed=5, max_running=6, pad_batches=True, graphs=True, on_call=sd.call_through)
+    kwargs, draft = sd.CONFIGS[name]
+    engine = sd.make_engine(draft_tokens=draft, **kwargs)
+    sched = sd.Scheduler(engine, seed=5, draft_tokens=draft, max_running=6, pad_batches=True, graphs=True,
+                         on_call=sd.call_through)
     with PagedSanitizer(mode="raise") as san:
         sched.run(STEPS // 3)
     assert sched.graphs.captures >= 1 and sched.graphs.replays > 10
@@ -240,12 +241,12 @@ def test_graph_runner_hooks_replayed_steps_checked(name):
 
     def plant(reqs, seq_lens, tokens_per_req):
         if not planted and sched.graphs.replays and len(reqs) > 1 and seq_lens[1] > 2 * engine.page_size:
-            engine.req_to_token[reqs[1].row, engine.page_size] = engine.pool.size + 5 * engine.page_size
-            planted.append(sched.graphs.replays)
+            planted.append(sd.plant_seed_fault(engine, reqs, seq_lens, tokens_per_req))
 
     sched.before_forward = plant
     with pytest.raises(PageTableViolation) as caught:
         with PagedSanitizer(mode="raise"):
             sched.run(STEPS)
     found = caught.value.violations[0]
-    assert (found.check, found.index) == ("page-out-of-range", (1, 1 if engine.page_size > 1 else engine.page_size))
+    row, col, value = planted[0]
+    assert (found.check, found.index, found.value) == ("page-out-of-range", (row, col), value)

@@ -438,3 +438,58 @@ def test_pool_write_checked_once_per_step_not_per_layer():
     assert checked == [1, 0, 0, 0]
     loc[0] = 5  # the next step's slots, written into the same buffer
     assert len(rule.check(Call(target, {"self": pool, "loc_info": loc}))) == 1
+
+
+# -- track_pages through the triton and fa3 backends --------------------------------------------
+TRACKED_BACKENDS = [("triton", "page1-full"), ("triton", "page64-swa"), ("fa3", "page64-full"),
+                    ("fa3", "page64-swa-mtp3")]
+
+
+def tracked_scheduler(attention, name):
+    return triton_scheduler(name) if attention == "triton" else fa3_scheduler(name)
+
+
+@pytest.mark.parametrize("attention,name", TRACKED_BACKENDS)
+def test_tracked_backend_realistic_sequence_has_no_page_not_allocated(attention, name):
+    """track_pages reaches the Triton backend's CSR slot lists (a derived list) and the fa3
+    backend's page tables, graph-padding rows included: 0 reports on a realistic sequence."""
+    scheduler = tracked_scheduler(attention, name)
+    with PagedSanitizer(mode="raise", track_pages=True) as sanitizer:
+        stats = scheduler.run(STEPS)
+        scheduler.drain()
+    assert stats.calls > 0 and stats.finished > 0
+    assert sanitizer.reports == []
+
+
+@pytest.mark.parametrize("attention,name,device_path", [c + (False,) for c in TRACKED_BACKENDS]
+                         + [("triton", "page64-full", True), ("fa3", "page1-full", True)])
+def test_tracked_backend_use_after_free_caught_at_the_entry(attention, name, device_path):
+    """A request freed with SGLang's own free while its batch still reads it: ``page-not-allocated``
+    at the entry ``sd.plant_use_after_free`` names (a slot list names the token slot), with the
+    free's stack. ``device_path``: the derived table / list checked by the device kernel (under
+    Triton's interpreter), as on a GPU."""
+    scheduler = tracked_scheduler(attention, name)
+    engine = scheduler.e
+    planted = []
+
+    def plant(reqs, seq_lens, tokens_per_req):
+        if not planted and len(reqs) > 1 and seq_lens[1] > 2 * engine.page_size:
+            planted.append(sd.plant_use_after_free(engine, reqs, seq_lens, tokens_per_req))
+
+    scheduler.before_forward = plant
+    with pytest.raises(PageTableViolation) as caught:
+        with PagedSanitizer(mode="raise", track_pages=True) as sanitizer:
+            sanitizer.options.device_interpret = device_path
+            for _ in range(300):
+                scheduler.step()
+    found = caught.value.violations[0]
+    row, col, page = planted[0]
+    if attention == "triton":  # kv_indices lists token slots: a window layer's list starts at the window
+        expected = ("kv_indices", (row, 0), 0) if engine.swa else ("kv_indices", (row, col), page * engine.page_size)
+    else:
+        expected = ("page_table", (row, col), page)
+    assert (found.check, found.arg, found.index, found.value) == ("page-not-allocated",) + expected
+    if engine.swa:  # the free cleared the slots' full->SWA mapping: the window layer reads page 0
+        assert "page 0 is SGLang's padding page" in str(caught.value)
+    else:
+        assert "is FREE" in str(caught.value) and "in plant" in str(caught.value)  # with the free's stack

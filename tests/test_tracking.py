@@ -103,12 +103,10 @@ def planted_double_use(engine, sched, row=1):
     planted = {}
 
     def free_while_read(reqs, seq_lens, tokens_per_req):
-        if planted or len(reqs) < 3:
-            return
-        r = reqs[row]
-        slots = engine.req_to_token[r.row, :r.allocated].to(torch.int64)
-        engine.allocator.free(slots)
-        planted.update(row=row, page=int(slots[0]) // engine.page_size)
+        if not planted and len(reqs) >= 3:
+            page = int(engine.req_to_token[reqs[row].row, 0]) // engine.page_size  # its first full-pool page
+            sd.plant_use_after_free(engine, reqs, seq_lens, tokens_per_req, row)
+            planted.update(row=row, page=page)
 
     sched.before_forward = free_while_read
     return planted
@@ -279,3 +277,32 @@ def test_page_not_allocated_severity_is_honoured(severity):
         scheduler.step()
     reported = [v for v in san.reports if v.check == "page-not-allocated"]
     assert (reported == []) if severity == "off" else (reported and reported[0].severity == "warning")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("per_page,stack", [(64, True), (1, False)])
+def test_mark_kernel_matches_the_torch_update(dtype, per_page, stack):
+    """The Triton ``mark`` kernel a CUDA pool's allocations and frees launch (here under Triton's
+    interpreter) writes what a CPU pool's torch ops write: ids past the pool and negative ids land
+    in the extra last entry; nothing else changes."""
+    from tsan_paged import kernels
+    from tsan_paged.tracking import ALLOCATED, FREED
+
+    if not kernels.available():
+        pytest.skip(f"no Triton: {kernels.TRITON_ERROR}")
+    pages = 10
+    ids = torch.tensor([3, 0, -5, 9 * per_page + per_page - 1, 11 * per_page, 10 * per_page, 2 * per_page + 1, -1],
+                       dtype=dtype)
+    status, sid = (FREED, 7) if stack else (ALLOCATED, None)
+    state = torch.full((pages + 1,), 9, dtype=torch.uint8)
+    marks = torch.full((pages + 1,), -1, dtype=torch.int32)
+    kernels.kernel("mark", True)[(1,)](ids, state, marks, ids.numel(), per_page, pages, status,
+                                       sid if stack else 0, BLOCK=16, HAS_STACK=stack)
+    expected_state = torch.full((pages + 1,), 9, dtype=torch.uint8)
+    expected_marks = torch.full((pages + 1,), -1, dtype=torch.int32)
+    torch_ids = torch.div(ids.long(), per_page, rounding_mode="floor").clamp(-1, pages)
+    expected_state.index_fill_(0, torch_ids, status)
+    if stack:
+        expected_marks.index_fill_(0, torch_ids, sid)
+    assert torch.equal(state, expected_state) and torch.equal(marks, expected_marks)
+    assert state[pages] == status  # the out-of-pool ids' entry

@@ -139,6 +139,8 @@ class CsrPages:
     guard: Optional[int] = 0
     only: Optional[frozenset] = None
     unit: str = "page"  # what an entry is, in reports: "page", or "slot" (SGLang's token-slot lists)
+    relabel: Optional[Callable] = None  # as PageTable's: a derived list's findings as what they stand for
+    reported_as: Optional[str] = None
 
     def tensors(self) -> tuple:
         w = self.writes

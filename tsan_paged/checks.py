@@ -429,6 +429,11 @@ def csr_metadata(access: CsrPages) -> Optional[list]:
 
 def csr_findings(access: CsrPages) -> list:
     """The torch checks of a :class:`CsrPages` (and of the tokens it is written through)."""
+    found = _csr_findings(access)
+    return [access.relabel(v, access.buffers) for v in found] if access.relabel is not None else found
+
+
+def _csr_findings(access: CsrPages) -> list:
     indptr, indices = access.indptr, access.indices
     metadata = csr_metadata(access)
     if metadata is None:

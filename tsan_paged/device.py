@@ -275,11 +275,12 @@ def _csr_plan(a: CsrPages) -> Optional[Plan]:
            None if lpl is None else lpl.dtype, a.buffers, a.page_size, a.indptr_arg, a.indices_arg,
            a.last_page_len_arg, None if writes is None else (writes.tokens, writes.batch_indices.dtype,
                                                              writes.positions.dtype, writes.batch_arg,
-                                                             writes.positions_arg), a.guard, a.only, a.unit)
+                                                             writes.positions_arg), a.guard, a.only, a.unit,
+           a.relabel, a.reported_as)
     info = dict(indptr_arg=a.indptr_arg, indices_arg=a.indices_arg, last_page_len_arg=a.last_page_len_arg, unit=a.unit,
                 page_size=a.page_size, entries=int(a.indices.numel()), rows=int(a.indptr.shape[0] - 1),
                 batch_arg=writes.batch_arg if writes else "", positions_arg=writes.positions_arg if writes else "",
-                only=a.only, wide=a.indices.element_size() > 4)
+                only=a.only, wide=a.indices.element_size() > 4, relabel=a.relabel, reported_as=a.reported_as)
     return _flat_plan(key, entries=int(a.indices.numel()), rows=int(a.indptr.shape[0] - 1),
                       tokens=writes.tokens if writes else 0, buffers=a.buffers, page_size=a.page_size or 1,
                       neg_ok=False, check_entries=writes is None, has_indptr=True, has_last=lpl is not None,
@@ -445,7 +446,9 @@ def _csr_findings(plan: Plan, words, previous_hits=None) -> list:
                                               info["unit"])
         out.append(Violation("page-out-of-range", indices_arg, message + _saturated(info, value), index=(row, col),
                              value=value, bound=buffer.pages, count=count, examples=(((row, col), value),)))
-    return _only(out, info["only"])
+    out = _only(out, info["only"])
+    relabel = info.get("relabel")
+    return [relabel(v, info["buffers"]) for v in out] if relabel is not None else out
 
 
 def _slot_findings(plan: Plan, words, previous_hits=None) -> list:

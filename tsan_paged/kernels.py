@@ -598,9 +598,22 @@ if triton is not None:
         bad = inside & (got != 1) & (padding == 0)
         tl.store(out_ptr + offs, tl.where(bad, e + 1, 0).to(tl.int32), mask=mask)
 
+    def _mark_src(ids_ptr, state_ptr, stack_ptr, n, per_page, pages, status, sid, BLOCK: tl.constexpr,
+                  HAS_STACK: tl.constexpr):
+        """track_pages' allocator shadow (:meth:`tsan_paged.tracking.PoolState.mark`), one launch:
+        ``state[p] = status`` (and ``stack[p] = sid``) for each ``p = ids[i] // per_page``; an id
+        out of the pool (negative, or past the end) lands in the extra last entry ``pages``."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        ids = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int64)
+        page = tl.where(ids < 0, pages, tl.minimum(ids // per_page, pages))
+        tl.store(state_ptr + page, status.to(tl.uint8), mask=mask)
+        if HAS_STACK:
+            tl.store(stack_ptr + page, sid, mask=mask)
+
     _KERNELS: dict = {}
     _SOURCES = {"dense": (_dense_kernel_src, 5, 26), "flat": (_flat_kernel_src, 6, 22),
-                "not_allocated": (_not_allocated_src, 4, 10)}
+                "not_allocated": (_not_allocated_src, 4, 10), "mark": (_mark_src, 3, 8)}
 
     def kernel(name: str, interpret: bool):
         """The JIT kernel ``name``, or the same source under Triton's interpreter (CPU tensors)."""

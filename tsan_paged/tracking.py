@@ -28,7 +28,9 @@ them with two or three in-place device ops queued on the current stream (no host
 pool is never read back on the allocator's path); the range check of an allocator's output
 (``alloc-out-of-range``) reads it on the host, so it runs for CPU pools only.
 
-Reads: the FlashInfer decode rule calls :func:`check_read_pages` with the table it describes.
+Reads: the rules of the kernels that read SGLang's pools (FlashInfer's decode, FlashAttention's
+paged calls, SGLang's Triton decode / extend) call :func:`check_read_pages` with the table or
+CSR slot list they describe.
 A kernel's KV buffer is mapped to its pool by storage identity (SGLang's ``k_buffer`` /
 ``v_buffer`` per layer, full and SWA pools alike), else by an unambiguous page count. With
 device ops (no sync), the pool's state is gathered at the table's entries into a derived table
@@ -38,7 +40,8 @@ table over the region the kernel *attends to* (``ceil(seq_len / ps)`` columns, f
 window's first token on a window layer) like any page table -- in CUDA graphs too, at every
 replay -- and its findings become ``page-not-allocated`` with the free site's stack (read on the
 host when reported). Graph-padding rows read the padding page by design and are not reported
-(:func:`_padding` says how they are told apart from live rows).
+(:func:`_padding` says how they are told apart from live rows). A CSR list gets a derived list
+the same way, with torch ops (:func:`not_allocated_entries`).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from typing import Optional
 import torch
 
 from . import checks
-from .access import Buffer, PageTable
+from .access import Buffer, CsrPages, PageTable
 from .callsite import caller_frame, describe, short_path
 from .report import MAX_EXAMPLES, Violation
 
@@ -92,33 +95,35 @@ class PoolState:
         self.state = torch.zeros(self.pages + 1, dtype=torch.uint8, device=device)  # [pages]: out-of-pool writes
         self.stack = torch.full((self.pages + 1,), -1, dtype=torch.int32, device=device)
 
-    def mark(self, page_ids, status: int, sid: Optional[int] = None) -> None:
-        """Set the state (and the free stack) of ``page_ids``: two or three device ops, no host
-        sync. An id out of the pool (an allocator bug, which a CPU pool reports as
-        alloc-out-of-range) lands in the last entry: past the end by the clamp, negative as -1
-        (``index_fill_`` counts a negative index from the end).
+    def mark(self, page_ids, status: int, sid: Optional[int] = None, per_page: int = 1) -> None:
+        """Set the state (and the free stack) of the pages ``page_ids // per_page``, no host sync:
+        on a CUDA pool one Triton launch through a pre-bound handle (:func:`_launch_mark`), on a
+        CPU pool two or three torch ops. An id out of the pool (an allocator bug, which a CPU pool
+        reports as alloc-out-of-range) lands in the last entry.
 
-        On a CUDA pool the ops are queued on the stream the read checks were last queued on,
+        On a CUDA pool the update is queued on the stream the read checks were last queued on,
         after what the current stream has queued so far: a serving loop that allocates and frees
         on a scheduling stream while the forward runs on another (SGLang's overlap scheduler)
         then never sees a page freed before a forward queued earlier reads it."""
         ids = page_ids.reshape(-1)
-        if ids.dtype != torch.int64 or ids.device != self.state.device:
+        if ids.device != self.state.device or ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(device=self.state.device, dtype=torch.int64)
-        stream = tracker.read_stream if ids.is_cuda else None
-        if stream is not None and stream != torch.cuda.current_stream(ids.device):
-            stream.wait_stream(torch.cuda.current_stream(ids.device))  # ids are made on the current stream
-            ids.record_stream(stream)
-            with torch.cuda.stream(stream):
-                self._fill(ids, status, sid)
-        else:
-            self._fill(ids, status, sid)
-
-    def _fill(self, ids, status: int, sid: Optional[int]) -> None:
-        ids = ids.clamp(-1, self.pages)
-        self.state.index_fill_(0, ids, status)
-        if sid is not None:
-            self.stack.index_fill_(0, ids, sid)
+        if not ids.is_cuda:
+            if per_page > 1:
+                ids = torch.div(ids, per_page, rounding_mode="floor")
+            ids = ids.clamp(-1, self.pages)  # -1: index_fill_ counts it from the end, the last entry
+            self.state.index_fill_(0, ids, status)
+            if sid is not None:
+                self.stack.index_fill_(0, ids, sid)
+            return
+        index = ids.device.index
+        current = torch._C._cuda_getCurrentRawStream(index)
+        stream = tracker.read_stream
+        if stream is None or stream.cuda_stream == current:
+            return _launch_mark(self, ids, status, sid, per_page, current)
+        stream.wait_stream(torch.cuda.current_stream(ids.device))  # ids are made on the current stream
+        ids.record_stream(stream)
+        _launch_mark(self, ids, status, sid, per_page, stream.cuda_stream)
 
     def describe(self) -> str:
         return (f"{self.role} (pool of {self.pages} pages"
@@ -306,7 +311,7 @@ class PageTracker:
         tokens = out.reshape(-1)
         ps, pages = state.page_size, state.pages
         with self.lock:
-            state.mark(tokens // ps if ps > 1 else tokens, ALLOCATED)
+            state.mark(tokens, ALLOCATED, per_page=ps)
         if tokens.is_cuda:
             return []  # the range check reads the indices on the host: CPU pools only (module docstring)
         tokens = tokens.to(torch.int64)
@@ -355,12 +360,19 @@ class PageTracker:
         matches = [s for a, s in list(self.pools.items()) if s.pages == pages]
         return matches[0] if len(matches) == 1 else None
 
-    def read_accesses(self, call, access, tensors) -> list:
-        """The derived tables of a read (module docstring): device ops, no host sync."""
-        if call.get("enable_block_sparse_attention") or access.lengths is None or not call.wants("page-not-allocated"):
+    def read_accesses(self, call, access, tensors, window_left=None, q_len=None) -> list:
+        """The derived tables (or slot lists) of a read (module docstring): device ops, no host
+        sync. ``window_left`` / ``q_len``: the kernel's exact window and query rows, where the
+        call's own ``window_left`` / ``max_q_len`` / ``q_len_per_req`` do not say them."""
+        if call.get("enable_block_sparse_attention") or not call.wants("page-not-allocated"):
             return []
-        window_left = call.get("window_left")
-        q_len = call.get("max_q_len") or call.get("q_len_per_req") or 1
+        if window_left is None:
+            window_left = call.get("window_left")
+        q_len = q_len or call.get("max_q_len") or call.get("q_len_per_req") or 1
+        if isinstance(access, CsrPages):
+            return self._read_list(access, tensors, int(q_len))
+        if access.lengths is None:
+            return []
         lengths = access.lengths.reshape(-1)
         out = []
         for (view, index_of, _), kv in zip(checks.table_views(access), tensors):
@@ -369,8 +381,7 @@ class PageTracker:
                 if state is None or state.state.device != view.device:
                     continue
                 derived = not_allocated(view, lengths, state.state[:state.pages], q_len)
-                if view.is_cuda and not torch.cuda.is_current_stream_capturing():
-                    self.read_stream = torch.cuda.current_stream(view.device)
+                self._note_read(view)
             out.append(PageTable(derived, access.arg, (Buffer(state.key, 1),), access.page_size, lengths=lengths,
                                  lengths_arg=access.lengths_arg, length_offset=access.length_offset,
                                  window_left=-1 if window_left is None else int(window_left), q_len=int(q_len),
@@ -378,12 +389,35 @@ class PageTracker:
                                  reported_as="page-not-allocated"))
         return out
 
-    def explain(self, state: PoolState, page: int, arg: str, index: tuple, row: int, col: int) -> str:
+    def _read_list(self, access: CsrPages, tensors, q_len: int) -> list:
+        """A CSR list's derived list: what each live entry holds, + 1, where its page is not allocated."""
+        with self.lock:
+            state = next(filter(None, map(self.pool_of, tensors)), None)
+            if state is None or state.state.device != access.indices.device:
+                return []
+            per_page = state.page_size if access.unit == "slot" else 1
+            derived = not_allocated_entries(access.indptr, access.indices, state.state[:state.pages], per_page, q_len)
+            self._note_read(derived)
+        return [CsrPages(access.indptr, derived, (Buffer(state.key, 1),), indptr_arg=access.indptr_arg,
+                         indices_arg=access.indices_arg, guard=0, only=_PAGE_FINDINGS, unit=access.unit,
+                         relabel=_slot_not_allocated if access.unit == "slot" else _not_allocated,
+                         reported_as="page-not-allocated")]
+
+    def _note_read(self, tensor) -> None:
+        if tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
+            self.read_stream = torch.cuda.current_stream(tensor.device)
+
+    def explain(self, state: PoolState, page: int, arg: str, index: tuple, row: int, col: int,
+                slot: Optional[int] = None) -> str:
         """What a read of a page that is not allocated means (reads the page's state: a sync on a
-        CUDA pool, done when the finding is reported, never in the checked call)."""
+        CUDA pool, done when the finding is reported, never in the checked call). ``slot``: the
+        entry is that token slot (a slot list: ``col`` is a token), not the page."""
         status, sid = _read_back(state, page)
         page_size = state.page_size
-        tokens = f"tokens {col * page_size}..{(col + 1) * page_size - 1}" if page_size > 1 else f"token {col}"
+        if page_size > 1 and slot is None:
+            tokens = f"tokens {col * page_size}..{(col + 1) * page_size - 1}"
+        else:
+            tokens = f"token {col}"
         if status == FREED:
             what = (f"page {page} is FREE: released to {state.describe()} and not allocated since, "
                     f"yet the kernel reads it (row {row}'s {tokens}) - a KV use-after-free; the memory is still "
@@ -402,7 +436,8 @@ class PageTracker:
         else:
             what = (f"page {page} of {state.describe()} is not allocated (free since tracking started, "
                     f"no free seen), yet the kernel reads it (row {row}'s {tokens})")
-        return f"{arg}[{', '.join(map(str, index))}] = {page}: {what}"
+        entry = f"{page}" if slot is None else f"slot {slot}" + (f" (page {page})" if page_size > 1 else "")
+        return f"{arg}[{', '.join(map(str, index))}] = {entry}: {what}"
 
 
 _PAGE_FINDINGS = frozenset({"page-out-of-range"})
@@ -437,6 +472,66 @@ def _not_allocated(finding: Violation, buffers) -> Violation:
         text = tracker.explain(state, page, finding.arg, index, index[0], index[-1])
     return Violation("page-not-allocated", finding.arg, text, index=index, value=page, bound="allocated",
                      count=finding.count, examples=examples)
+
+
+_MARK_BLOCK = 1024
+_mark_launchers: dict = {}  # (ids dtype, ids 16-byte aligned, with a stack) -> compiled kernel
+
+
+def _launch_mark(pool: PoolState, ids, status: int, sid: Optional[int], per_page: int, stream: int) -> None:
+    """Triton's ``mark`` kernel (``kernels._mark_src``) on raw ``stream``: after the first launch,
+    through the compiled kernel's own launcher (no Triton Python launcher: a few microseconds)."""
+    from . import kernels
+
+    n = ids.numel()
+    if n == 0:
+        return
+    grid = -(-n // _MARK_BLOCK)
+    has_stack = sid is not None
+    key = (ids.dtype, ids.data_ptr() % 16 == 0, has_stack)
+    args = (ids.data_ptr(), pool.state.data_ptr(), pool.stack.data_ptr(), n, per_page, pool.pages, status,
+            sid if has_stack else 0)
+    compiled = _mark_launchers.get(key)
+    if compiled is not None:
+        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        return
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=ids.device)):
+        compiled = kernels.kernel("mark", False)[(grid,)](ids, pool.state, pool.stack, *args[3:], BLOCK=_MARK_BLOCK,
+                                                          HAS_STACK=has_stack)
+    if getattr(compiled, "packed_metadata", None) is not None and hasattr(compiled, "function"):
+        _mark_launchers[key] = compiled
+
+
+def _slot_not_allocated(finding: Violation, buffers) -> Violation:
+    """A derived slot list's finding (value ``slot + 1``) as the ``page-not-allocated`` it stands for."""
+    ref = tracker.by_key.get(buffers[0].name)
+    state = ref() if ref is not None else None
+    slot = int(finding.value) - 1
+    index = finding.index
+    examples = tuple((i, int(v) - 1) for i, v in finding.examples)
+    if state is None:
+        text = f"{finding.arg}[{', '.join(map(str, index))}] = {slot}: the slot's page was not allocated when read"
+    else:
+        text = tracker.explain(state, slot // state.page_size, finding.arg, index, index[0], index[-1], slot=slot)
+    return Violation("page-not-allocated", finding.arg, text, index=index, value=slot, bound="allocated",
+                     count=finding.count, examples=examples)
+
+
+def not_allocated_entries(indptr, indices, state, per_page: int, q_len: int):
+    """The derived list of a CSR list: ``entry + 1`` where the page of an entry
+    (``entry // per_page``) is not ALLOCATED, else 0. Torch ops, CPU or CUDA, no host sync
+    (capturable). A graph-padding row (at most ``q_len + 1`` entries, SGLang's padding slot 0)
+    is told apart by its row's length, found with a search of ``indptr``."""
+    entries = indices.reshape(-1).to(torch.int64)
+    bounds = indptr.to(torch.int64)
+    rows = bounds.numel() - 1
+    row = (torch.searchsorted(bounds, torch.arange(entries.numel(), device=entries.device), right=True) - 1)
+    row_len = (bounds[1:] - bounds[:-1])[row.clamp(0, max(rows - 1, 0))] if rows > 0 else torch.zeros_like(entries)
+    pages = torch.div(entries, per_page, rounding_mode="floor")
+    got = state[pages.clamp(0, state.shape[0] - 1)]
+    padding = (pages == 0) & (row_len <= q_len + 1)
+    bad = (got != ALLOCATED) & (pages >= 0) & (pages < state.shape[0]) & ~padding
+    return torch.where(bad, entries + 1, 0).to(torch.int32)
 
 
 BLOCK = 1024
@@ -573,10 +668,12 @@ def enabled(call) -> bool:
     return page_tracker is not None and page_tracker.active
 
 
-def check_read_pages(call, access, tensors) -> list:
-    """The ``page-not-allocated`` check of a decode call's :class:`~tsan_paged.access.PageTable`
-    (``[]`` unless tracking): derived tables the engine checks (no host sync, in CUDA graphs
-    too); ``tensors`` the KV buffer each view of the table indexes (``(k, v)``, in order)."""
+def check_read_pages(call, access, tensors, window_left=None, q_len=None) -> list:
+    """The ``page-not-allocated`` check of a read's :class:`~tsan_paged.access.PageTable` or
+    :class:`~tsan_paged.access.CsrPages` (``[]`` unless tracking): derived tables the engine
+    checks (no host sync, in CUDA graphs too); ``tensors`` the KV buffer each view of the table
+    indexes (``(k, v)``, in order; a CSR list: any of its buffers). ``window_left`` / ``q_len``:
+    the kernel's exact window and query rows where the call's arguments do not name them."""
     if not enabled(call):
         return []
-    return call.options.page_tracker.read_accesses(call, access, tensors)
+    return call.options.page_tracker.read_accesses(call, access, tensors, window_left, q_len)

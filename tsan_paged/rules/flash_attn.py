@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks
+from .. import checks, tracking
 from ..access import Buffer, PageTable
 from ..registry import rule
 from ..report import Violation
@@ -39,7 +39,7 @@ _READS = ("q", "k_cache", "v_cache", "k", "cache_seqlens", "block_table", "windo
 
 def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, lengths, lengths_arg="cache_seqlens",
                     new_tokens=0, q_len=1, window_left=-1, max_tile=0, writes=False,
-                    cache_args=("k_cache", "v_cache")) -> list:
+                    cache_args=("k_cache", "v_cache"), call=None) -> list:
     """The findings and the :class:`PageTable` of a FlashAttention paged-KV call (FA2, FA3, FA4
     and the forks SGLang and vLLM ship: they read a page table the same way).
 
@@ -53,7 +53,7 @@ def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, length
     below by ``floor((S - max_tile + 1) / page_size)`` (pages before it are dead for every tile).
     ``q_len``: the query rows of a request (the largest, for ragged queries). ``writes``: the
     kernel writes new tokens through the table (no guard value is safe: page 0 would be
-    overwritten).
+    overwritten). ``call``: the call being checked, for ``track_pages`` (SGLang's pools).
     """
     found = []
     k_arg, v_arg = cache_args
@@ -92,14 +92,21 @@ def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, length
         if lengths.dtype.is_floating_point:
             return found
     if window_left is None or window_left < 0 or window_left >= capacity:
-        window_left, tile = -1, 0  # flash_api.cpp: window_size_left >= seqlen_k -> no window
-    elif max_tile:
-        window_left, tile = window_left + max_tile - 1, 1
-    else:
+        window_left = exact_window = -1  # flash_api.cpp: window_size_left >= seqlen_k -> no window
         tile = 0
-    return found + [PageTable(table, table_arg, (Buffer(caches[0][1], num_pages),), page_size, lengths=lengths, lengths_arg=lengths_arg,
-                              length_offset=int(new_tokens), window_left=int(window_left), q_len=int(q_len), tile=tile,
-                              guard=None if writes else 0, only=None if check_lengths else PAGE_CHECKS)]
+    elif max_tile:
+        exact_window, window_left, tile = window_left, window_left + max_tile - 1, 1
+    else:
+        exact_window, tile = window_left, 0
+    access = PageTable(table, table_arg, (Buffer(caches[0][1], num_pages),), page_size, lengths=lengths,
+                       lengths_arg=lengths_arg, length_offset=int(new_tokens), window_left=int(window_left),
+                       q_len=int(q_len), tile=tile, guard=None if writes else 0,
+                       only=None if check_lengths else PAGE_CHECKS)
+    found.append(access)
+    if call is not None:  # the pages it attends to, exactly (the window's first token on): track_pages
+        found += tracking.check_read_pages(call, access, (caches[0][0],), window_left=int(exact_window),
+                                           q_len=int(q_len))
+    return found
 
 
 PAGE_CHECKS = frozenset({"page-out-of-range", "dead-page-out-of-range"})
@@ -126,4 +133,4 @@ def flash_attn_with_kvcache(call):
     return found + paged_kv_access(device=q.device, batch=q.shape[0], k_cache=k_cache, v_cache=v_cache, table=table,
                                    table_arg="block_table", lengths=lengths, new_tokens=new_tokens,
                                    q_len=int(q.shape[1]), window_left=window[0] if window is not None else -1,
-                                   writes=isinstance(k_new, torch.Tensor))
+                                   writes=isinstance(k_new, torch.Tensor), call=call)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import checks
+from .. import checks, tracking
 from ..access import Buffer, CsrPages, Slots
 from ..registry import rule
 from ..report import Violation
@@ -88,7 +88,7 @@ def _fa_kvcache(call, version: int):
     return paged_kv_access(device=q.device, batch=batch, k_cache=k_cache, v_cache=v_cache, table=table,
                            table_arg="page_table", lengths=lengths, new_tokens=new_tokens, q_len=q_len,
                            window_left=window[0] if window is not None else -1,
-                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, writes=writes)
+                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, writes=writes, call=call)
 
 
 _FA_VARLEN_READS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "page_table",
@@ -107,7 +107,8 @@ def _fa_varlen(call, version: int):
     return paged_kv_access(device=q.device, batch=batch, k_cache=k, v_cache=v, table=table, table_arg="page_table",
                            lengths=lengths, lengths_arg=lengths_arg, q_len=q_len,
                            window_left=window[0] if window is not None else -1,
-                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, cache_args=("k", "v"))
+                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, cache_args=("k", "v"),
+                           call=call)
 
 
 @rule(f"{OPS}.flash_attention:flash_attn_with_kvcache", name="sglang.flash_attn_with_kvcache",
@@ -135,8 +136,9 @@ rule("sgl_kernel.flash_attn:flash_attn_varlen_func", name="sgl_kernel.flash_attn
 
 
 # -- Triton decode / extend: CSR lists of token slots ----------------------------------------
-def _slot_list(found, *, device, k_buffer, v_buffer, indptr, indices, rows):
+def _slot_list(call, *, device, k_buffer, v_buffer, indptr, indices, rows):
     """Requests ``b < rows`` read ``indices[indptr[b]:indptr[b + 1]]``: slots of the KV buffers."""
+    found = []
     for tensor, arg in ((indptr, "kv_indptr"), (indices, "kv_indices")):
         found += checks.check_dtype(tensor, arg, (torch.int32, torch.int64))
         found += checks.check_device(tensor, arg, device, "q")
@@ -148,8 +150,9 @@ def _slot_list(found, *, device, k_buffer, v_buffer, indptr, indices, rows):
                                   bound=(rows + 1,))]
     slots = min(int(k_buffer.shape[0]), int(v_buffer.shape[0]))
     name = "k_buffer" if int(k_buffer.shape[0]) == slots else "v_buffer"
-    return found + [CsrPages(indptr[: rows + 1], indices, (Buffer(name, slots),), indptr_arg="kv_indptr",
-                             indices_arg="kv_indices", unit="slot")]
+    access = CsrPages(indptr[: rows + 1], indices, (Buffer(name, slots),), indptr_arg="kv_indptr",
+                      indices_arg="kv_indices", unit="slot")
+    return [access] + tracking.check_read_pages(call, access, (k_buffer, v_buffer), q_len=1)
 
 
 _DECODE_READS = ("q", "k_buffer", "v_buffer", "kv_indptr", "kv_indices")
@@ -157,7 +160,7 @@ _DECODE_READS = ("q", "k_buffer", "v_buffer", "kv_indptr", "kv_indices")
 
 def _triton_decode(call):
     q, k_buffer, v_buffer, indptr, indices = call.read(_DECODE_READS)
-    return _slot_list([], device=q.device, k_buffer=k_buffer, v_buffer=v_buffer, indptr=indptr, indices=indices,
+    return _slot_list(call, device=q.device, k_buffer=k_buffer, v_buffer=v_buffer, indptr=indptr, indices=indices,
                       rows=int(q.shape[0]))
 
 
@@ -173,7 +176,7 @@ def extend_attention_fwd(call):
     q, k_buffer, v_buffer, qo_indptr, indptr, indices, skip_prefix, identity = call.read(_EXTEND_READS)
     if skip_prefix or identity:
         return []  # no prefix index is read
-    return _slot_list([], device=q.device, k_buffer=k_buffer, v_buffer=v_buffer, indptr=indptr, indices=indices,
+    return _slot_list(call, device=q.device, k_buffer=k_buffer, v_buffer=v_buffer, indptr=indptr, indices=indices,
                       rows=int(qo_indptr.shape[0]) - 1)
 
 
@@ -184,7 +187,7 @@ _UNIFIED_READS = ("q", "k_buffer", "v_buffer", "qo_indptr", "kv_indptr", "kv_ind
       reads=_UNIFIED_READS)
 def extend_attention_fwd_unified(call):
     q, k_buffer, v_buffer, qo_indptr, indptr, indices = call.read(_UNIFIED_READS)
-    return _slot_list([], device=q.device, k_buffer=k_buffer, v_buffer=v_buffer, indptr=indptr, indices=indices,
+    return _slot_list(call, device=q.device, k_buffer=k_buffer, v_buffer=v_buffer, indptr=indptr, indices=indices,
                       rows=int(qo_indptr.shape[0]) - 1)
 
 
