@@ -493,7 +493,8 @@ def _launch_mark(pool: PoolState, ids, status: int, sid: Optional[int], per_page
             sid if has_stack else 0)
     compiled = _mark_launchers.get(key)
     if compiled is not None:
-        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+                     _MARK_BLOCK, has_stack)  # the launcher takes the constexprs too
         return
     with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=ids.device)):
         compiled = kernels.kernel("mark", False)[(grid,)](ids, pool.state, pool.stack, *args[3:], BLOCK=_MARK_BLOCK,
