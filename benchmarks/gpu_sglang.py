@@ -36,9 +36,10 @@ from tsan_paged import PagedSanitizer  # noqa: E402
 STEPS = int(os.environ.get("TSAN_PAGED_SGLANG_STEPS", "2000"))
 CONFIGS = [tuple(c.split(":")) for c in os.environ.get(
     "TSAN_PAGED_SGLANG_CONFIGS",
-    ",".join(f"trtllm_mha:{name}{mode}" for mode in (":graphs", "") for name in sd.CONFIGS)
-    + ",triton:page64-full-decode:graphs,triton:page1-full-decode:graphs,triton:page64-full-decode,"
-    "triton:page1-full-decode").split(",")]
+    # xqa (trtllm_mha on sm90) takes pages of 16..128 tokens; page 1 runs on the triton backend
+    "trtllm_mha:page64-full-decode:graphs,trtllm_mha:page64-swa-mtp3:graphs,trtllm_mha:page64-full-decode,"
+    "trtllm_mha:page64-swa-mtp3,triton:page1-full-decode:graphs,triton:page64-full-decode:graphs,"
+    "triton:page1-full-decode,triton:page64-full-decode").split(",")]
 
 
 def scheduler(attention, name, seed, graphs=False):
