@@ -495,10 +495,17 @@ class Entry:
     hits: list = field(default_factory=lambda: [0] * K.NCHECKS)
     calls: int = 0
     code: object = None  # the call site's code object: keeps the id in the entry's key its own
+    last: int = 0  # the ring's launch count at this entry's latest launch (Ring: recycling)
 
 
 class Ring:
-    """Preallocated device slots for one CUDA device (made once, outside any capture)."""
+    """Preallocated device slots for one CUDA device (made once, outside any capture).
+
+    An entry (a call site and access form, eagerly) keeps its slot while its sanitizer runs, but
+    eager shapes vary (a plan per batch size or list length): when every slot is taken, the
+    slots of eager entries whose records a completed snapshot has already reported (no launch
+    since) are recycled, and a leaving sanitizer's eager entries free theirs after its flush. A
+    captured entry keeps its slot for good: its graph writes it at every replay."""
 
     def __init__(self, device: torch.device, slots: int = 4096):
         self.device = device
@@ -507,6 +514,10 @@ class Ring:
         self.host = torch.zeros(slots, K.SLOT_WORDS, dtype=torch.int64).pin_memory()
         self.sync_slot = 0  # slot 0: the sync path (one call at a time)
         self.next_slot = 1
+        self.free_slots: list = []  # recycled slots, zeroed on the device
+        self.launches = 0  # deferred launches so far
+        self.snap_launches = 0  # launches queued before the pending snapshot
+        self.reported_launches = 0  # launches whose records a completed snapshot (or flush) reported
         self.entries: dict = {}  # (site, plan, op, sink) -> Entry
         self.event: Optional[torch.cuda.Event] = None
         self.snap_slots = 0
@@ -629,6 +640,8 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
     if entry is None:
         entry = _new_entry(ring, key, plan, op, describe(frame), sink, capturing, code)
     del frame
+    ring.launches += 1
+    entry.last = ring.launches
     launch(ring, plan, tensors, entry.slot, 1, action, errs)
     ring.poll_s = settings.poll_s
     if capturing:
@@ -643,10 +656,15 @@ def _new_entry(ring: Ring, key, plan, op, site, sink, captured, code=None) -> En
         entry = ring.entries.get(key)
         if entry is not None:
             return entry
-        if ring.next_slot >= ring.slots:
+        if ring.next_slot >= ring.slots and not ring.free_slots and not captured:
+            _recycle(ring)
+        if ring.free_slots:
+            slot = ring.free_slots.pop()
+        elif ring.next_slot >= ring.slots:
             slot = ring.slots - 1
-            _warn_once("ring-full", f"tsan_paged: all {ring.slots} device record slots are taken; later call sites "
-                       "share the last slot (their reports may name another call site)")
+            _warn_once("ring-full", f"tsan_paged: all {ring.slots} device record slots are taken by call sites "
+                       "checked since the last report; later ones share the last slot (their reports may name "
+                       "another call site)")
         else:
             slot = ring.next_slot
             ring.next_slot += 1
@@ -657,6 +675,41 @@ def _new_entry(ring: Ring, key, plan, op, site, sink, captured, code=None) -> En
         return entry
 
 
+def _recycle(ring: Ring) -> None:
+    """Free the slots of eager entries whose records are all reported (Ring's docstring). Only
+    with no snapshot in flight: one queued before the slots are handed out again would report
+    their old records as the new owners'."""
+    if ring.event is not None:
+        if not ring.event.query():
+            return
+        _finish_snapshot(ring)
+    _free(ring, lambda entry: entry.last <= ring.reported_launches)
+
+
+def _release(ring: Ring, sink) -> None:
+    """After ``sink``'s flush: its eager entries' slots are free (captured ones stay)."""
+    if not torch.cuda.is_current_stream_capturing():
+        with _lock:
+            _free(ring, lambda entry: entry.sink() is sink)
+
+
+def _free(ring: Ring, done) -> None:
+    """Free the slots of the eager entries ``done`` says are reported, zeroing them now (queued
+    before any later snapshot or launch)."""
+    for key, entry in list(ring.entries.items()):
+        if not entry.captured and done(entry):
+            del ring.entries[key]
+            if entry.slot != ring.slots - 1:  # the shared overflow slot is never handed out
+                ring.words[entry.slot].zero_()
+                ring.free_slots.append(entry.slot)
+
+
+def _finish_snapshot(ring: Ring) -> None:
+    _report(ring, ring.host[:ring.snap_slots])
+    ring.event = None
+    ring.reported_launches = ring.snap_launches
+
+
 # -- reading records ---------------------------------------------------------------------
 
 def poll(ring: Ring, *, force_snapshot: bool = False) -> None:
@@ -664,8 +717,7 @@ def poll(ring: Ring, *, force_snapshot: bool = False) -> None:
     if ring.event is not None:
         if not ring.event.query():
             return
-        _report(ring, ring.host[:ring.snap_slots])
-        ring.event = None
+        _finish_snapshot(ring)
     now = time.monotonic()
     if not ring.entries or (not force_snapshot and now - ring.last_snapshot < ring.poll_s):
         return
@@ -676,6 +728,7 @@ def poll(ring: Ring, *, force_snapshot: bool = False) -> None:
     ring.event = torch.cuda.Event()
     ring.event.record()
     ring.snap_slots = n
+    ring.snap_launches = ring.launches
     ring.last_snapshot = now
 
 
@@ -691,9 +744,9 @@ def flush(sink=None) -> None:
                 torch.cuda.current_stream().synchronize()
                 if ring.event is not None:
                     ring.event.synchronize()
-                    _report(ring, ring.host[:ring.snap_slots])
-                    ring.event = None
+                    _finish_snapshot(ring)
                 n = ring.next_slot
+                launches = ring.launches
                 words = ring.words[:n].cpu()
         except Exception as exc:  # a trapped or faulted context: nothing can be read any more
             _warn_once("flush-failed", f"tsan_paged: could not read device check records ({type(exc).__name__}: "
@@ -703,6 +756,8 @@ def flush(sink=None) -> None:
         finally:
             torch.cuda.set_sync_debug_mode(previous)
         _report(ring, words, only=sink)
+        if sink is None:
+            ring.reported_launches = launches
 
 
 def _report(ring: Ring, words: torch.Tensor, only=None) -> None:
@@ -748,6 +803,8 @@ def on_leave(sink, last: bool) -> None:
     if not _rings:
         return
     flush(sink)
+    for ring in list(_rings.values()):
+        _release(ring, sink)
     if last:
         _unpatch_replay()
 

@@ -206,3 +206,27 @@ def test_sync_free_no_host_sync(kvs):
         assert "tsan_paged" not in where
         san.flush()
     assert san.reports == []
+
+
+def test_log_mode_many_shapes_recycle_record_slots(kvs, monkeypatch):
+    """A long eager session in log mode: a plan (and a device record slot) per batch size and
+    width, far more than the ring holds (here 6 slots): slots whose records were reported are
+    recycled, so a fault planted late is reported once, at its own index, and a later session
+    inherits nothing."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    monkeypatch.setitem(device._rings, dev.index, device.Ring(dev, slots=6))
+    with PagedSanitizer(mode="log", config={"device_poll_s": 0.0}) as san:
+        for step in range(40):
+            b = make_batch(1 + step % 20, 256 + 64 * step, kvs["eq"], seed=step)
+            if step == 33:
+                expected = plant(b, "seed")
+            decode(**b)
+            torch.cuda.synchronize()
+        san.flush()
+    errors = [v for v in san.reports if v.severity == "error"]
+    assert len(errors) == 1, errors
+    assert (errors[0].check, errors[0].index, errors[0].value, errors[0].bound) == expected
+    with PagedSanitizer(mode="log") as later:
+        decode(**make_batch(4, 512, kvs["eq"], seed=99))
+        later.flush()
+    assert later.reports == []
