@@ -24,8 +24,8 @@ Per pool: one ``uint8`` state per page (never allocated / allocated / freed) and
 ``int32`` stack id per page (the ``free`` call that released it, interned: at most
 ``MAX_STACKS`` distinct stacks are kept), on the allocator's device, under one lock; one more
 entry at the end takes what an index out of the pool would write. Allocations and frees update
-them with two or three in-place device ops queued on the current stream (no host sync: a CUDA
-pool is never read back on the allocator's path); the range check of an allocator's output
+them without a host sync (a CUDA pool is never read back on the allocator's path): one Triton
+launch on a CUDA pool (:meth:`PoolState.mark`), two or three torch ops on a CPU one; the range check of an allocator's output
 (``alloc-out-of-range``) reads it on the host, so it runs for CPU pools only.
 
 Reads: the rules of the kernels that read SGLang's pools (FlashInfer's decode, FlashAttention's
