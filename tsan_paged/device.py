@@ -688,9 +688,13 @@ def _recycle(ring: Ring) -> None:
 
 def _release(ring: Ring, sink) -> None:
     """After ``sink``'s flush: its eager entries' slots are free (captured ones stay)."""
-    if not torch.cuda.is_current_stream_capturing():
-        with _lock:
+    if torch.cuda.is_current_stream_capturing():
+        return
+    with _lock:
+        try:
             _free(ring, lambda entry: entry.sink() is sink)
+        except Exception:  # a dead context (its flush warned): the slots cannot be zeroed, keep them out
+            ring.free_slots.clear()
 
 
 def _free(ring: Ring, done) -> None:

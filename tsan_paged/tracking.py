@@ -109,21 +109,28 @@ class PoolState:
         if ids.device != self.state.device or ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(device=self.state.device, dtype=torch.int64)
         if not ids.is_cuda:
-            if per_page > 1:
-                ids = torch.div(ids, per_page, rounding_mode="floor")
-            ids = ids.clamp(-1, self.pages)  # -1: index_fill_ counts it from the end, the last entry
-            self.state.index_fill_(0, ids, status)
-            if sid is not None:
-                self.stack.index_fill_(0, ids, sid)
-            return
-        index = ids.device.index
-        current = torch._C._cuda_getCurrentRawStream(index)
+            return self._fill(ids, status, sid, per_page)
+        current = torch._C._cuda_getCurrentRawStream(ids.device.index)
         stream = tracker.read_stream
-        if stream is None or stream.cuda_stream == current:
-            return _launch_mark(self, ids, status, sid, per_page, current)
-        stream.wait_stream(torch.cuda.current_stream(ids.device))  # ids are made on the current stream
-        ids.record_stream(stream)
-        _launch_mark(self, ids, status, sid, per_page, stream.cuda_stream)
+        if stream is not None and stream.cuda_stream != current:
+            stream.wait_stream(torch.cuda.current_stream(ids.device))  # ids are made on the current stream
+            ids.record_stream(stream)
+            current = stream.cuda_stream
+        from . import kernels  # imports Triton: not at the sanitizer's start
+
+        if kernels.available():
+            _launch_mark(self, ids, status, sid, per_page, current)
+        else:
+            with torch.cuda.stream(torch.cuda.ExternalStream(current, device=ids.device)):
+                self._fill(ids, status, sid, per_page)
+
+    def _fill(self, ids, status: int, sid: Optional[int], per_page: int) -> None:
+        if per_page > 1:
+            ids = torch.div(ids, per_page, rounding_mode="floor")
+        ids = ids.clamp(-1, self.pages)  # -1: index_fill_ counts it from the end, the last entry
+        self.state.index_fill_(0, ids, status)
+        if sid is not None:
+            self.stack.index_fill_(0, ids, sid)
 
     def describe(self) -> str:
         return (f"{self.role} (pool of {self.pages} pages"
@@ -475,7 +482,7 @@ def _not_allocated(finding: Violation, buffers) -> Violation:
 
 
 _MARK_BLOCK = 1024
-_mark_launchers: dict = {}  # (ids dtype, ids 16-byte aligned, with a stack) -> compiled kernel
+_mark_launchers: dict = {}  # (device, ids dtype, ids 16-byte aligned, with a stack) -> compiled kernel
 
 
 def _launch_mark(pool: PoolState, ids, status: int, sid: Optional[int], per_page: int, stream: int) -> None:
@@ -488,7 +495,7 @@ def _launch_mark(pool: PoolState, ids, status: int, sid: Optional[int], per_page
         return
     grid = -(-n // _MARK_BLOCK)
     has_stack = sid is not None
-    key = (ids.dtype, ids.data_ptr() % 16 == 0, has_stack)
+    key = (ids.device.index, ids.dtype, ids.data_ptr() % 16 == 0, has_stack)
     args = (ids.data_ptr(), pool.state.data_ptr(), pool.stack.data_ptr(), n, per_page, pool.pages, status,
             sid if has_stack else 0)
     compiled = _mark_launchers.get(key)
