@@ -1,16 +1,17 @@
 """SGLang 0.5.23's real pools, allocators, table building and attention backends on the H200,
-under the sanitizer (issue 14, part 1): eager decode, and (configurations ending in ``:graphs``)
-decode captured and replayed in CUDA graphs through trtllm_mha's own graph hooks
-(``sglang_driver.GraphRunner``).
+under the sanitizer (issue 14): eager, and (configurations ending in ``:graphs``) captured and
+replayed in CUDA graphs through the backend's own graph hooks (``sglang_driver.GraphRunner``).
 
-    STEPS=sglang bash benchmarks/gpu_run.sh        (carrying SGLang first: docs/gpu.md)
+    STEPS=sglang TSAN_PAGED_SGLANG_STEPS=3000 bash benchmarks/gpu_run.sh   (SGLang carried first: docs/gpu.md)
 
 ``tests/sglang_driver.py`` with ``TSAN_PAGED_SGLANG_DEVICE=cuda``: the seeded scheduler of the CPU
-tests, its tables built by SGLang's own code (Triton kernels on the GPU), its decode calls through
-``TRTLLMHAAttnBackend`` (FlashInfer xqa) and ``TritonAttnBackend`` (SGLang's Triton kernels), run
-unsanitized and under ``PagedSanitizer(mode="log")`` (what ``TSAN_PAGED=log`` starts), then with
-the seed's fault planted (a live table entry one past the pool; in graph mode before a replay). sgl-kernel does
-not run there: ``tests/gpu/sgl_kernel_stub.py`` answers its imports with functions that raise.
+tests, its tables built by SGLang's own code (Triton kernels on the GPU), its kernel calls through
+``TRTLLMHAAttnBackend`` (FlashInfer xqa) and ``TritonAttnBackend`` (SGLang's Triton kernels). Per
+configuration: the run under ``PagedSanitizer(mode="log")`` (what ``TSAN_PAGED=log`` starts) and
+with ``track_pages`` (reports), the time per step unsanitized against sanitized (:func:`clean_run`),
+then two faults planted in a decode or verify batch, in graph mode before a replayed step
+(:func:`planted_run`). ``TSAN_PAGED_SGLANG_DEVICE=cpu`` dry-runs the script on a CPU. sgl-kernel
+does not run there: ``tests/gpu/sgl_kernel_stub.py`` answers its imports with functions that raise.
 """
 
 import os
@@ -34,6 +35,7 @@ import sglang_driver as sd  # noqa: E402
 from tsan_paged import PagedSanitizer  # noqa: E402
 
 STEPS = int(os.environ.get("TSAN_PAGED_SGLANG_STEPS", "2000"))
+BLOCK = int(os.environ.get("TSAN_PAGED_SGLANG_BLOCK", "100"))  # steps per timing block
 CONFIGS = [tuple(c.split(":")) for c in os.environ.get(
     "TSAN_PAGED_SGLANG_CONFIGS",
     # xqa (trtllm_mha on sm90) takes pages of 16..128 tokens; page 1 runs on the triton backend
@@ -66,26 +68,35 @@ def timed_steps(sched, steps):
 
 
 def clean_run(attention, name, graphs):
-    """The same seeded sequence unsanitized, under ``PagedSanitizer(mode="log")``, and with
-    ``track_pages=True`` too (SGLang's allocators shadowed on the device)."""
+    """Reports: the seeded run under ``PagedSanitizer(mode="log")``, and again with
+    ``track_pages=True`` (timed). Time per step: the same seeded run unsanitized and sanitized in
+    alternating blocks of BLOCK steps (each sanitized block a session of its own), so the shared
+    host's drift hits both alike; medians."""
+    _, checked = scheduler(attention, name, 1, graphs)
+    with PagedSanitizer(mode="log") as san:
+        checked.run(STEPS)
+        san.flush()  # a replayed graph's findings are read here
+    errors = [v for v in san.reports if v.severity == "error"]
+    warnings = Counter(v.check for v in san.reports if v.severity != "error")
+    _, tracked = scheduler(attention, name, 1, graphs)
+    with PagedSanitizer(mode="log", track_pages=True) as track:
+        track_ms = statistics.median(timed_steps(tracked, STEPS)) * 1e3
+        track.flush()
+    track_errors = [v for v in track.reports if v.severity == "error"]
     _, plain = scheduler(attention, name, 1, graphs)
-    bare = statistics.median(timed_steps(plain, STEPS)) * 1e3
-    row = [attention, name + (" (CUDA graphs)" if graphs else "")]
-    for track in (False, True):
-        _, checked = scheduler(attention, name, 1, graphs)
-        with PagedSanitizer(mode="log", track_pages=track) as san:
-            ms = statistics.median(timed_steps(checked, STEPS)) * 1e3
-            san.flush()  # a replayed graph's findings are read here
-        errors = [v for v in san.reports if v.severity == "error"]
-        warnings = Counter(v.check for v in san.reports if v.severity != "error")
-        if not track:
-            stats = checked.stats
-            row += [stats.decode_steps + stats.verify_steps, checked.graphs.replays if graphs else "-", stats.calls,
-                    len(errors), ", ".join(f"{n} {check}" for check, n in sorted(warnings.items())) or "0",
-                    f"{bare:.3f}", f"{ms:.3f}", f"{ms - bare:+.3f} ({(ms - bare) / bare:+.1%})"]
-        else:
-            row += [len(errors), f"{ms - bare:+.3f} ({(ms - bare) / bare:+.1%})"]
-    return row
+    _, timed = scheduler(attention, name, 1, graphs)
+    bare, sanitized = [], []
+    for _ in range(max(STEPS // BLOCK, 1)):
+        bare += timed_steps(plain, BLOCK)
+        with PagedSanitizer(mode="log"):
+            sanitized += timed_steps(timed, BLOCK)
+    b, c = statistics.median(bare) * 1e3, statistics.median(sanitized) * 1e3
+    stats = checked.stats
+    return [attention, name + (" (CUDA graphs)" if graphs else ""), stats.decode_steps + stats.verify_steps,
+            checked.graphs.replays if graphs else "-", stats.calls, len(errors),
+            ", ".join(f"{n} {check}" for check, n in sorted(warnings.items())) or "0", len(track_errors),
+            f"{b:.3f}", f"{c:.3f}", f"{(c - b) * 1e3:+.0f} us ({(c - b) / b:+.1%})", f"{track_ms:.3f}",
+            f"{(track_ms - b) * 1e3:+.0f} us ({(track_ms - b) / b:+.1%})"]
 
 
 def planted_run(attention, name, graphs, fault):
@@ -138,9 +149,9 @@ def main():
             rows[i].append(planted_run(attention, name, mode == ["graphs"], fault))
             print(CONFIGS[i], fault, rows[i][-1], flush=True)
     print("\n| backend | configuration | decode/verify steps | graph replays | kernel calls | errors | warnings "
-          "| ms/step bare | ms/step sanitized | added | errors, track_pages | added, track_pages "
+          "| errors, track_pages | ms/step bare | ms/step sanitized | added | ms/step track_pages | added, track_pages "
           "| use-after-free planted (track_pages) | seed's fault planted |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
 

@@ -1,8 +1,9 @@
 """track_pages on a GPU: host time per allocation and per free, and what the check adds to a
 decode step in a CUDA graph (one run, medians; ``bash benchmarks/gpu_run.sh`` with STEPS=track).
 
-The pool's page states are on the GPU; an allocation or a free is a few device ops queued on the
-stream (``PoolState.mark``), made with synchronizing operations refused (sync debug mode "error").
+The pool's page states are on the GPU; an allocation or a free is one Triton launch queued on the
+stream (``PoolState.mark``), made with synchronizing operations refused (sync debug mode "error");
+"launch alone" is that launch without the tracker's bookkeeping around it.
 The decode is FlashInfer's xqa (``gpu_cases.trtllm_decode``: 8 x 2048 tokens, page 64), captured in
 a graph with and without tracking; its replays are timed with CUDA events.
 """
@@ -17,7 +18,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / "gpu")]
 
 from gpu_cases import CASES, tracked_pool  # noqa: E402
-from tsan_paged import PagedSanitizer  # noqa: E402
+from tsan_paged import PagedSanitizer, tracking  # noqa: E402
 
 def host_us(fn, n=2000):
     times = []
@@ -65,9 +66,11 @@ def main():
         for tokens in (1, 64, 4096):
             out = torch.arange(64, 64 + tokens, device=k.device)
             pages = torch.arange(1, 1 + max(tokens // 64, 1), device=k.device)
+            stream = torch.cuda.current_stream().cuda_stream
+            alone = host_us(lambda: tracking._launch_mark(state, out, tracking.ALLOCATED, None, 64, stream))
             alloc = host_us(lambda: tracker.on_alloc(pool, state, "alloc_decode", out))
             free = host_us(lambda: tracker.on_release(state, (pages,), 7))
-            rows.append((f"{tokens} tokens", f"{alloc:.1f}", f"{free:.1f}"))
+            rows.append((f"{tokens} tokens", f"{alloc:.1f}", f"{free:.1f}", f"{alone:.1f}"))
         torch.cuda.set_sync_debug_mode(0)
         tracker.on_alloc(pool, state, "alloc", torch.arange(0, k.shape[0] * 64, 64, device=k.device))
         case.call()
@@ -80,8 +83,8 @@ def main():
         plain_graph = capture(case.call)
         plain = replay_us(plain_graph)
     bare = replay_us(capture(case.call))
-    print("| allocation / free of | on_alloc host us | on_release host us |")
-    print("| --- | ---: | ---: |")
+    print("| allocation / free of | on_alloc host us | on_release host us | mark launch alone us |")
+    print("| --- | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     print(f"\nxqa decode 8 x 2048 in a graph, us per replay: bare {bare:.1f}, sanitized {plain:.1f} "

@@ -83,7 +83,7 @@ TARGETS = {
 class PoolState:
     """The shadow of one leaf allocator's pool."""
 
-    __slots__ = ("allocator", "role", "page_size", "pages", "state", "stack", "key", "__weakref__")
+    __slots__ = ("allocator", "role", "page_size", "pages", "state", "stack", "key", "pointers", "__weakref__")
 
     def __init__(self, allocator, role: str):
         self.allocator = weakref.ref(allocator)
@@ -94,6 +94,7 @@ class PoolState:
         device = getattr(allocator, "device", "cpu")
         self.state = torch.zeros(self.pages + 1, dtype=torch.uint8, device=device)  # [pages]: out-of-pool writes
         self.stack = torch.full((self.pages + 1,), -1, dtype=torch.int32, device=device)
+        self.pointers = (self.state.data_ptr(), self.stack.data_ptr())  # the mark kernel's (never reallocated)
 
     def mark(self, page_ids, status: int, sid: Optional[int] = None, per_page: int = 1) -> None:
         """Set the state (and the free stack) of the pages ``page_ids // per_page``, no host sync:
@@ -105,20 +106,20 @@ class PoolState:
         after what the current stream has queued so far: a serving loop that allocates and frees
         on a scheduling stream while the forward runs on another (SGLang's overlap scheduler)
         then never sees a page freed before a forward queued earlier reads it."""
-        ids = page_ids.reshape(-1)
-        if ids.device != self.state.device or ids.dtype not in (torch.int32, torch.int64):
+        ids = page_ids if page_ids.dim() == 1 else page_ids.reshape(-1)
+        device = ids.device
+        if device != self.state.device or ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(device=self.state.device, dtype=torch.int64)
+            device = ids.device
         if not ids.is_cuda:
             return self._fill(ids, status, sid, per_page)
-        current = torch._C._cuda_getCurrentRawStream(ids.device.index)
+        current = torch._C._cuda_getCurrentRawStream(device.index)
         stream = tracker.read_stream
         if stream is not None and stream.cuda_stream != current:
-            stream.wait_stream(torch.cuda.current_stream(ids.device))  # ids are made on the current stream
+            stream.wait_stream(torch.cuda.current_stream(device))  # ids are made on the current stream
             ids.record_stream(stream)
             current = stream.cuda_stream
-        from . import kernels  # imports Triton: not at the sanitizer's start
-
-        if kernels.available():
+        if _kernels() is not None:
             _launch_mark(self, ids, status, sid, per_page, current)
         else:
             with torch.cuda.stream(torch.cuda.ExternalStream(current, device=ids.device)):
@@ -315,7 +316,7 @@ class PageTracker:
         """Mark what ``method`` handed out; findings for indices past the pool."""
         if out is None or not isinstance(out, torch.Tensor) or out.numel() == 0:
             return []
-        tokens = out.reshape(-1)
+        tokens = out if out.dim() == 1 else out.reshape(-1)
         ps, pages = state.page_size, state.pages
         with self.lock:
             state.mark(tokens, ALLOCATED, per_page=ps)
@@ -485,27 +486,39 @@ _MARK_BLOCK = 1024
 _mark_launchers: dict = {}  # (device, ids dtype, ids 16-byte aligned, with a stack) -> compiled kernel
 
 
+_kernels_module: list = []
+
+
+def _kernels():
+    """:mod:`tsan_paged.kernels` if Triton is there, else None (imported at first use: Triton's
+    import is not paid at the sanitizer's start)."""
+    if not _kernels_module:
+        from . import kernels
+
+        _kernels_module.append(kernels if kernels.available() else None)
+    return _kernels_module[0]
+
+
 def _launch_mark(pool: PoolState, ids, status: int, sid: Optional[int], per_page: int, stream: int) -> None:
     """Triton's ``mark`` kernel (``kernels._mark_src``) on raw ``stream``: after the first launch,
     through the compiled kernel's own launcher (no Triton Python launcher: a few microseconds)."""
-    from . import kernels
-
     n = ids.numel()
     if n == 0:
         return
     grid = -(-n // _MARK_BLOCK)
     has_stack = sid is not None
-    key = (ids.device.index, ids.dtype, ids.data_ptr() % 16 == 0, has_stack)
-    args = (ids.data_ptr(), pool.state.data_ptr(), pool.stack.data_ptr(), n, per_page, pool.pages, status,
-            sid if has_stack else 0)
+    pointer = ids.data_ptr()
+    key = (ids.device.index, ids.dtype, pointer % 16 == 0, has_stack)
     compiled = _mark_launchers.get(key)
     if compiled is not None:
-        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, pointer,
+                     *pool.pointers, n, per_page, pool.pages, status, sid if has_stack else 0,
                      _MARK_BLOCK, has_stack)  # the launcher takes the constexprs too
         return
     with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=ids.device)):
-        compiled = kernels.kernel("mark", False)[(grid,)](ids, pool.state, pool.stack, *args[3:], BLOCK=_MARK_BLOCK,
-                                                          HAS_STACK=has_stack)
+        compiled = _kernels().kernel("mark", False)[(grid,)](ids, pool.state, pool.stack, n, per_page, pool.pages,
+                                                              status, sid if has_stack else 0, BLOCK=_MARK_BLOCK,
+                                                              HAS_STACK=has_stack)
     if getattr(compiled, "packed_metadata", None) is not None and hasattr(compiled, "function"):
         _mark_launchers[key] = compiled
 
