@@ -493,3 +493,32 @@ def test_tracked_backend_use_after_free_caught_at_the_entry(attention, name, dev
         assert "page 0 is SGLang's padding page" in str(caught.value)
     else:
         assert "is FREE" in str(caught.value) and "in plant" in str(caught.value)  # with the free's stack
+
+
+def test_fa_ragged_batch_tracks_each_rows_own_window():
+    """track_pages through SGLang's FA3 wrapper on a mixed batch (a decode row and a 100-token
+    extend row: ragged ``cu_seqlens_q``) with a window: row 0's window starts at its own query,
+    not the batch's largest, so the pages an SWA-style eviction freed before it are not reported;
+    a freed page inside it is, at its column. Pages from SGLang's real paged allocator."""
+    engine = sd.make_engine(page_size=16, swa=False)
+    alloc, ps = engine.allocator, 16
+    k = engine.pool.get_key_buffer(0).view(-1, ps, sd.KV_HEADS, sd.HEAD_DIM)
+    v = engine.pool.get_value_buffer(0).view(-1, ps, sd.KV_HEADS, sd.HEAD_DIM)
+    with PagedSanitizer(mode="raise", track_pages=True) as sanitizer:
+        rows = [alloc.alloc(13 * ps), alloc.alloc(7 * ps)]  # 200 and 100 tokens
+        table = torch.zeros(2, 13, dtype=torch.int32)
+        for r, slots in enumerate(rows):
+            pages = slots[::ps] // ps
+            table[r, :pages.numel()] = pages.to(torch.int32)
+        call = dict(q=torch.randn(101, sd.HEADS, sd.HEAD_DIM).to(torch.bfloat16), k_cache=k, v_cache=v,
+                    page_table=table, cache_seqlens=torch.tensor([200, 100], dtype=torch.int32),
+                    cu_seqlens_q=torch.tensor([0, 1, 101], dtype=torch.int32), max_seqlen_q=100,
+                    window_size=(31, 0))  # row 0 attends tokens 168..199: columns 10..12
+        alloc.free(rows[0][:10 * ps].to(torch.int32))  # columns 0..9 evicted (int32, as req_to_token is)
+        assert reaches_sglang_fa(3, **call)
+        assert sanitizer.reports == []
+        alloc.free(rows[0][10 * ps:11 * ps])
+        with pytest.raises(PageTableViolation) as caught:
+            flash_attention.flash_attn_with_kvcache(ver=3, **call)
+    found = caught.value.violations[0]
+    assert (found.check, found.index, found.value) == ("page-not-allocated", (0, 10), int(rows[0][10 * ps]) // ps)

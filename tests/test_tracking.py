@@ -306,3 +306,36 @@ def test_mark_kernel_matches_the_torch_update(dtype, per_page, stack):
         expected_marks.index_fill_(0, torch_ids, sid)
     assert torch.equal(state, expected_state) and torch.equal(marks, expected_marks)
     assert state[pages] == status  # the out-of-pool ids' entry
+
+
+def test_derived_list_kernel_matches_the_torch_derivation():
+    """The Triton kernel a CUDA slot list's ``track_pages`` check launches (here under Triton's
+    interpreter) derives what the torch ops of a CPU list derive, on the live entries
+    ``[indptr[0], indptr[B])``: lists starting past 0, empty rows, graph-padding rows of page 0,
+    entries out of the pool, freed and never-allocated pages; entries outside are not read."""
+    from tsan_paged import kernels
+    from tsan_paged.tracking import ALLOCATED, FREED, not_allocated_entries
+
+    if not kernels.available():
+        pytest.skip(f"no Triton: {kernels.TRITON_ERROR}")
+    g = torch.Generator().manual_seed(3)
+    pages, per_page = 50, 4
+    for trial in range(6):
+        state = torch.randint(0, 3, (pages,), generator=g, dtype=torch.uint8)
+        state[torch.randint(0, pages, (20,), generator=g)] = ALLOCATED
+        state[7] = FREED
+        lengths = torch.randint(0, 6, (7,), generator=g)
+        lengths[2] = 0  # an empty row
+        lengths[4] = 1 + trial % 2  # a row short enough to be graph padding
+        start = trial  # the list's live entries start past 0
+        indptr = torch.cat([torch.tensor([start]), start + lengths.cumsum(0)]).to(torch.int32)
+        total = int(indptr[-1]) + 5  # entries past the end are never read
+        indices = torch.randint(-3, pages * per_page + 9, (total,), generator=g)
+        indices[int(indptr[4]):int(indptr[5])] = 0  # the padding row reads slot 0
+        live = slice(int(indptr[0]), int(indptr[-1]))
+        for dtype in (torch.int64, torch.int32):
+            expected = not_allocated_entries(indptr, indices.to(dtype), state, per_page, 1, rows=7)
+            got = not_allocated_entries(indptr, indices.to(dtype), state, per_page, 1, rows=7, interpret=True)
+            assert torch.equal(got[live], expected[live]), (trial, dtype)
+        assert (expected[int(indptr[4]):int(indptr[5])] == 0).all()  # padding: not reported
+        assert expected[live].any()  # the case has findings to compare

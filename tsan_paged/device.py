@@ -496,6 +496,7 @@ class Entry:
     calls: int = 0
     code: object = None  # the call site's code object: keeps the id in the entry's key its own
     last: int = 0  # the ring's launch count at this entry's latest launch (Ring: recycling)
+    stream: int = 0  # the raw CUDA stream of that launch
 
 
 class Ring:
@@ -504,8 +505,10 @@ class Ring:
     An entry (a call site and access form, eagerly) keeps its slot while its sanitizer runs, but
     eager shapes vary (a plan per batch size or list length): when every slot is taken, the
     slots of eager entries whose records a completed snapshot has already reported (no launch
-    since) are recycled, and a leaving sanitizer's eager entries free theirs after its flush. A
-    captured entry keeps its slot for good: its graph writes it at every replay."""
+    since, and the last one on the snapshot's stream, which orders the copy after it) are
+    recycled, and a leaving sanitizer's eager entries free theirs after its flush. A captured
+    entry keeps its slot for good: its graph writes it at every replay. A recycled slot is zeroed
+    on the current stream: a new owner launching on another stream is not ordered after it."""
 
     def __init__(self, device: torch.device, slots: int = 4096):
         self.device = device
@@ -518,6 +521,8 @@ class Ring:
         self.launches = 0  # deferred launches so far
         self.snap_launches = 0  # launches queued before the pending snapshot
         self.reported_launches = 0  # launches whose records a completed snapshot (or flush) reported
+        self.snap_stream = 0  # the raw stream the pending snapshot was queued on
+        self.reported_stream = None  # ... the last completed one's (None: a flush, every stream)
         self.entries: dict = {}  # (site, plan, op, sink) -> Entry
         self.event: Optional[torch.cuda.Event] = None
         self.snap_slots = 0
@@ -636,12 +641,14 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
     sink = settings.sink
     key = (id(code), frame.f_lineno if frame is not None else 0, id(plan), op,
            sink.serial if sink is not None else 0, capturing)  # a captured call has its own record
-    entry = ring.entries.get(key)
-    if entry is None:
-        entry = _new_entry(ring, key, plan, op, describe(frame), sink, capturing, code)
+    with _lock:  # an entry found here is not recycled by another thread before its launch
+        entry = ring.entries.get(key)
+        if entry is None:
+            entry = _new_entry(ring, key, plan, op, describe(frame), sink, capturing, code)
+        ring.launches += 1
+        entry.last = ring.launches
+        entry.stream = ring.stream_of(ring.index)
     del frame
-    ring.launches += 1
-    entry.last = ring.launches
     launch(ring, plan, tensors, entry.slot, 1, action, errs)
     ring.poll_s = settings.poll_s
     if capturing:
@@ -683,7 +690,8 @@ def _recycle(ring: Ring) -> None:
         if not ring.event.query():
             return
         _finish_snapshot(ring)
-    _free(ring, lambda entry: entry.last <= ring.reported_launches)
+    _free(ring, lambda entry: entry.last <= ring.reported_launches and
+          (ring.reported_stream is None or entry.stream == ring.reported_stream))
 
 
 def _release(ring: Ring, sink) -> None:
@@ -709,9 +717,12 @@ def _free(ring: Ring, done) -> None:
 
 
 def _finish_snapshot(ring: Ring) -> None:
+    """Report a completed snapshot. It is ordered after the launches queued on its own stream
+    only: launches on other streams (``reported_stream``) may not be in it."""
     _report(ring, ring.host[:ring.snap_slots])
     ring.event = None
     ring.reported_launches = ring.snap_launches
+    ring.reported_stream = ring.snap_stream
 
 
 # -- reading records ---------------------------------------------------------------------
@@ -733,6 +744,7 @@ def poll(ring: Ring, *, force_snapshot: bool = False) -> None:
     ring.event.record()
     ring.snap_slots = n
     ring.snap_launches = ring.launches
+    ring.snap_stream = ring.stream_of(ring.index)
     ring.last_snapshot = now
 
 
@@ -745,7 +757,7 @@ def flush(sink=None) -> None:
         try:
             torch.cuda.set_sync_debug_mode(0)  # a deliberate sync: don't trip the user's debug mode
             with torch.cuda.device(ring.device):
-                torch.cuda.current_stream().synchronize()
+                torch.cuda.synchronize()  # every stream: checks may run on a forward stream
                 if ring.event is not None:
                     ring.event.synchronize()
                     _finish_snapshot(ring)
@@ -761,7 +773,7 @@ def flush(sink=None) -> None:
             torch.cuda.set_sync_debug_mode(previous)
         _report(ring, words, only=sink)
         if sink is None:
-            ring.reported_launches = launches
+            ring.reported_launches, ring.reported_stream = launches, None
 
 
 def _report(ring: Ring, words: torch.Tensor, only=None) -> None:

@@ -598,6 +598,36 @@ if triton is not None:
         bad = inside & (got != 1) & (padding == 0)
         tl.store(out_ptr + offs, tl.where(bad, e + 1, 0).to(tl.int32), mask=mask)
 
+    def _not_allocated_list_src(indices_ptr, indptr_ptr, state_ptr, out_ptr, n, rows, per_page, pages, short_len,
+                                BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+        """track_pages' derived CSR list, one launch over the live entries
+        ``[indptr[0], indptr[rows])`` only (what the check kernel reads; the rest of ``out`` is
+        left unwritten): ``indices[i] + 1`` where the pool's state of page
+        ``indices[i] // per_page`` is not allocated (1), else 0; a page-0 entry of a row of at most
+        ``short_len`` entries (graph padding) counts as allocated. Each entry's row is found by a
+        binary search of ``indptr`` (``SEARCH_STEPS >= log2(rows) + 1``)."""
+        offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        start = tl.load(indptr_ptr).to(tl.int64)
+        stop = tl.load(indptr_ptr + rows).to(tl.int64)
+        live = (offs >= start) & (offs < stop) & (offs < n)
+        e = tl.load(indices_ptr + offs, mask=live, other=0).to(tl.int64)
+        page = e // per_page
+        inside = (e >= 0) & (page < pages)
+        got = tl.load(state_ptr + tl.where(inside, page, 0), mask=live, other=1)
+        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        hi = tl.zeros([BLOCK], dtype=tl.int64) + rows
+        for _ in tl.static_range(SEARCH_STEPS):  # the last row r with indptr[r] <= offs
+            mid = (lo + hi) // 2
+            go = (hi - lo > 1) & (tl.load(indptr_ptr + mid, mask=live, other=0).to(tl.int64) <= offs)
+            stay = (hi - lo > 1) & (go == 0)
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(stay, mid, hi)
+        length = tl.load(indptr_ptr + lo + 1, mask=live, other=0).to(tl.int64) - \
+            tl.load(indptr_ptr + lo, mask=live, other=0).to(tl.int64)
+        padding = (page == 0) & (length <= short_len)
+        bad = inside & (got != 1) & (padding == 0)
+        tl.store(out_ptr + offs, tl.where(bad, e + 1, 0).to(tl.int32), mask=live)
+
     def _mark_src(ids_ptr, state_ptr, stack_ptr, n, per_page, pages, status, sid, BLOCK: tl.constexpr,
                   HAS_STACK: tl.constexpr):
         """track_pages' allocator shadow (:meth:`tsan_paged.tracking.PoolState.mark`), one launch:
@@ -613,7 +643,8 @@ if triton is not None:
 
     _KERNELS: dict = {}
     _SOURCES = {"dense": (_dense_kernel_src, 5, 26), "flat": (_flat_kernel_src, 6, 22),
-                "not_allocated": (_not_allocated_src, 4, 10), "mark": (_mark_src, 3, 8)}
+                "not_allocated": (_not_allocated_src, 4, 10), "mark": (_mark_src, 3, 8),
+                "not_allocated_list": (_not_allocated_list_src, 4, 9)}
 
     def kernel(name: str, interpret: bool):
         """The JIT kernel ``name``, or the same source under Triton's interpreter (CPU tensors)."""

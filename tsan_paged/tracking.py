@@ -106,26 +106,35 @@ class PoolState:
         after what the current stream has queued so far: a serving loop that allocates and frees
         on a scheduling stream while the forward runs on another (SGLang's overlap scheduler)
         then never sees a page freed before a forward queued earlier reads it."""
-        ids = page_ids if page_ids.dim() == 1 else page_ids.reshape(-1)
+        ids = page_ids if page_ids.dim() == 1 and page_ids.is_contiguous() else page_ids.reshape(-1).contiguous()
         device = ids.device
         if device != self.state.device or ids.dtype not in (torch.int32, torch.int64):
             ids = ids.to(device=self.state.device, dtype=torch.int64)
             device = ids.device
         if not ids.is_cuda:
             return self._fill(ids, status, sid, per_page)
-        current = torch._C._cuda_getCurrentRawStream(device.index)
-        stream = tracker.read_stream
+        index = device.index
+        current = torch._C._cuda_getCurrentRawStream(index)
+        stream = tracker.read_streams.get(index)
         if stream is not None and stream.cuda_stream != current:
             stream.wait_stream(torch.cuda.current_stream(device))  # ids are made on the current stream
             ids.record_stream(stream)
             current = stream.cuda_stream
         if _kernels() is not None:
-            _launch_mark(self, ids, status, sid, per_page, current)
-        else:
-            with torch.cuda.stream(torch.cuda.ExternalStream(current, device=ids.device)):
-                self._fill(ids, status, sid, per_page)
+            try:
+                if torch.cuda.current_device() != index:
+                    with torch.cuda.device(index):  # the launcher runs in the current device's context
+                        return _launch_mark(self, ids, status, sid, per_page, current)
+                return _launch_mark(self, ids, status, sid, per_page, current)
+            except Exception as exc:  # never the allocator's failure: torch ops from now on
+                _kernels_module[0] = None
+                _warn(f"tsan_paged: track_pages' mark kernel failed ({type(exc).__name__}: {exc}); "
+                      "page states are updated with torch ops from now on")
+        with torch.cuda.stream(torch.cuda.ExternalStream(current, device=device)):
+            self._fill(ids, status, sid, per_page)
 
     def _fill(self, ids, status: int, sid: Optional[int], per_page: int) -> None:
+        ids = ids.long()  # index_fill_ takes int64 indices (SGLang's req_to_token is int32)
         if per_page > 1:
             ids = torch.div(ids, per_page, rounding_mode="floor")
         ids = ids.clamp(-1, self.pages)  # -1: index_fill_ counts it from the end, the last entry
@@ -153,7 +162,7 @@ class PageTracker:
         self._listener = None
         self._named = weakref.WeakSet()  # SWA allocators whose sub-allocators are named
         self.sinks: list = []  # the sanitizers tracking, in start order: the last one reports
-        self.read_stream = None  # the CUDA stream read checks were last queued on, eagerly (PoolState.mark)
+        self.read_streams: dict = {}  # device index -> the stream read checks were last queued on, eagerly (mark)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,7 +199,7 @@ class PageTracker:
             self.pools = weakref.WeakKeyDictionary()
             self.by_storage.clear()
             self.by_key.clear()
-            self.read_stream = None
+            self.read_streams.clear()
             self._stacks.clear()
             self._stack_list.clear()
             self._named = weakref.WeakSet()
@@ -368,10 +377,11 @@ class PageTracker:
         matches = [s for a, s in list(self.pools.items()) if s.pages == pages]
         return matches[0] if len(matches) == 1 else None
 
-    def read_accesses(self, call, access, tensors, window_left=None, q_len=None) -> list:
+    def read_accesses(self, call, access, tensors, window_left=None, q_len=None, region=None) -> list:
         """The derived tables (or slot lists) of a read (module docstring): device ops, no host
         sync. ``window_left`` / ``q_len``: the kernel's exact window and query rows, where the
-        call's own ``window_left`` / ``max_q_len`` / ``q_len_per_req`` do not say them."""
+        call's own ``window_left`` / ``max_q_len`` / ``q_len_per_req`` do not say them;
+        ``region``: per-row ``(first, end)`` columns instead (ragged queries)."""
         if call.get("enable_block_sparse_attention") or not call.wants("page-not-allocated"):
             return []
         if window_left is None:
@@ -390,11 +400,12 @@ class PageTracker:
                     continue
                 derived = not_allocated(view, lengths, state.state[:state.pages], q_len)
                 self._note_read(view)
+            bounds = dict(first=region[0], end=region[1], explicit_region=True) if region is not None else {}
             out.append(PageTable(derived, access.arg, (Buffer(state.key, 1),), access.page_size, lengths=lengths,
                                  lengths_arg=access.lengths_arg, length_offset=access.length_offset,
                                  window_left=-1 if window_left is None else int(window_left), q_len=int(q_len),
                                  tile=1, index_of=index_of, guard=0, only=_PAGE_FINDINGS, relabel=_not_allocated,
-                                 reported_as="page-not-allocated"))
+                                 reported_as="page-not-allocated", **bounds))
         return out
 
     def _read_list(self, access: CsrPages, tensors, q_len: int) -> list:
@@ -404,7 +415,8 @@ class PageTracker:
             if state is None or state.state.device != access.indices.device:
                 return []
             per_page = state.page_size if access.unit == "slot" else 1
-            derived = not_allocated_entries(access.indptr, access.indices, state.state[:state.pages], per_page, q_len)
+            derived = not_allocated_entries(access.indptr, access.indices, state.state[:state.pages], per_page, q_len,
+                                            rows=int(access.indptr.shape[0]) - 1)
             self._note_read(derived)
         return [CsrPages(access.indptr, derived, (Buffer(state.key, 1),), indptr_arg=access.indptr_arg,
                          indices_arg=access.indices_arg, guard=0, only=_PAGE_FINDINGS, unit=access.unit,
@@ -413,7 +425,7 @@ class PageTracker:
 
     def _note_read(self, tensor) -> None:
         if tensor.is_cuda and not torch.cuda.is_current_stream_capturing():
-            self.read_stream = torch.cuda.current_stream(tensor.device)
+            self.read_streams[tensor.device.index] = torch.cuda.current_stream(tensor.device)
 
     def explain(self, state: PoolState, page: int, arg: str, index: tuple, row: int, col: int,
                 slot: Optional[int] = None) -> str:
@@ -422,7 +434,9 @@ class PageTracker:
         entry is that token slot (a slot list: ``col`` is a token), not the page."""
         status, sid = _read_back(state, page)
         page_size = state.page_size
-        if page_size > 1 and slot is None:
+        if slot is not None:
+            tokens = f"slot-list entry {col}"
+        elif page_size > 1:
             tokens = f"tokens {col * page_size}..{(col + 1) * page_size - 1}"
         else:
             tokens = f"token {col}"
@@ -489,6 +503,12 @@ _mark_launchers: dict = {}  # (device, ids dtype, ids 16-byte aligned, with a st
 _kernels_module: list = []
 
 
+def _warn(message: str) -> None:
+    from loguru import logger
+
+    logger.bind(tsan_paged=True).warning(message)
+
+
 def _kernels():
     """:mod:`tsan_paged.kernels` if Triton is there, else None (imported at first use: Triton's
     import is not paid at the sanitizer's start)."""
@@ -538,11 +558,42 @@ def _slot_not_allocated(finding: Violation, buffers) -> Violation:
                      count=finding.count, examples=examples)
 
 
-def not_allocated_entries(indptr, indices, state, per_page: int, q_len: int):
+_capture_buffers: dict = {}  # (table address, shape, strides, device) -> a derived table made in a capture
+
+
+def _capture_buffer(table, shape):
+    """The derived table of ``table`` while a CUDA graph is being captured: one per static table
+    (and shape), shared by every captured call that reads it and kept for the process (the
+    graphs captured with it write it at every replay); None outside a capture."""
+    if not torch.cuda.is_current_stream_capturing():
+        return None
+    key = (table.data_ptr(), tuple(table.shape), tuple(table.stride()), table.device.index)
+    out = _capture_buffers.get(key)
+    if out is None:
+        out = _capture_buffers[key] = torch.empty(shape, dtype=torch.int32, device=table.device)
+    return out
+
+
+def not_allocated_entries(indptr, indices, state, per_page: int, q_len: int, rows: int, interpret: bool = False):
     """The derived list of a CSR list: ``entry + 1`` where the page of an entry
-    (``entry // per_page``) is not ALLOCATED, else 0. Torch ops, CPU or CUDA, no host sync
-    (capturable). A graph-padding row (at most ``q_len + 1`` entries, SGLang's padding slot 0)
-    is told apart by its row's length, found with a search of ``indptr``."""
+    (``entry // per_page``) is not ALLOCATED, else 0, for the live entries
+    ``[indptr[0], indptr[rows])``. A graph-padding row (at most ``q_len + 1`` entries,
+    SGLang's padding slot 0) is told apart by its row's length, found by a search of ``indptr``.
+    On CUDA (``interpret``: the same kernel under Triton's interpreter) one Triton launch over the
+    live entries; in a capture the list is made once per static buffer (SGLang's graph
+    ``kv_indices`` is sized for the largest batch and context, and shared by every layer and
+    batch size). On a CPU, torch ops. No host sync either way."""
+    if (indices.is_cuda or interpret) and _kernels() is not None:
+        flat = indices.reshape(-1)
+        n = flat.numel()
+        out = _capture_buffer(flat, (n,)) if flat.is_cuda else None
+        if out is None:
+            out = torch.empty(n, dtype=torch.int32, device=flat.device)
+        if n:
+            _kernels().kernel("not_allocated_list", interpret)[(-(-n // BLOCK),)](
+                flat, indptr, state, out, n, rows, per_page, state.shape[0], q_len + 1, BLOCK=BLOCK,
+                SEARCH_STEPS=max(rows, 1).bit_length() + 1)
+        return out
     entries = indices.reshape(-1).to(torch.int64)
     bounds = indptr.to(torch.int64)
     rows = bounds.numel() - 1
@@ -561,14 +612,16 @@ BLOCK = 1024
 def not_allocated(table, lengths, state, q_len: int, interpret: bool = False):
     """The derived table of ``table [rows, W]`` (module docstring): ``page + 1`` where
     ``state[page]`` is not ALLOCATED (a page of the pool, not a graph-padding read), else 0.
-    One Triton launch on a CUDA table (``interpret``: the same kernel under Triton's interpreter),
+    One Triton launch on a CUDA table (``interpret``: the same kernel under Triton's interpreter;
+    in a capture the table is made once per static table and shape, which every layer shares),
     torch ops on a CPU one; no host sync either way."""
     rows, width = table.shape
     if table.is_cuda or interpret:
-        from . import kernels
-
-        if kernels.available():
-            out = torch.empty((rows, width), dtype=torch.int32, device=table.device)
+        kernels = _kernels()
+        if kernels is not None:
+            out = _capture_buffer(table, (rows, width)) if table.is_cuda else None
+            if out is None:
+                out = torch.empty((rows, width), dtype=torch.int32, device=table.device)
             n = rows * width
             if n:
                 kernels.kernel("not_allocated", interpret)[(-(-n // BLOCK),)](
@@ -689,12 +742,13 @@ def enabled(call) -> bool:
     return page_tracker is not None and page_tracker.active
 
 
-def check_read_pages(call, access, tensors, window_left=None, q_len=None) -> list:
+def check_read_pages(call, access, tensors, window_left=None, q_len=None, region=None) -> list:
     """The ``page-not-allocated`` check of a read's :class:`~tsan_paged.access.PageTable` or
     :class:`~tsan_paged.access.CsrPages` (``[]`` unless tracking): derived tables the engine
     checks (no host sync, in CUDA graphs too); ``tensors`` the KV buffer each view of the table
     indexes (``(k, v)``, in order; a CSR list: any of its buffers). ``window_left`` / ``q_len``:
-    the kernel's exact window and query rows where the call's arguments do not name them."""
+    the kernel's exact window and query rows where the call's arguments do not name them;
+    ``region``: per-row ``(first, end)`` columns read, where rows differ in query rows."""
     if not enabled(call):
         return []
-    return call.options.page_tracker.read_accesses(call, access, tensors, window_left, q_len)
+    return call.options.page_tracker.read_accesses(call, access, tensors, window_left, q_len, region)

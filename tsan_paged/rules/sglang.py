@@ -88,7 +88,8 @@ def _fa_kvcache(call, version: int):
     return paged_kv_access(device=q.device, batch=batch, k_cache=k_cache, v_cache=v_cache, table=table,
                            table_arg="page_table", lengths=lengths, new_tokens=new_tokens, q_len=q_len,
                            window_left=window[0] if window is not None else -1,
-                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, writes=writes, call=call)
+                           max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, writes=writes, call=call,
+                           q_lens=cu_q[1:] - cu_q[:-1] if cu_q is not None else None)
 
 
 _FA_VARLEN_READS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "page_table",
@@ -108,7 +109,7 @@ def _fa_varlen(call, version: int):
                            lengths=lengths, lengths_arg=lengths_arg, q_len=q_len,
                            window_left=window[0] if window is not None else -1,
                            max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, cache_args=("k", "v"),
-                           call=call)
+                           call=call, q_lens=cu_q[1:] - cu_q[:-1] if cu_q is not None else None)
 
 
 @rule(f"{OPS}.flash_attention:flash_attn_with_kvcache", name="sglang.flash_attn_with_kvcache",
