@@ -41,7 +41,7 @@ window's first token on a window layer) like any page table -- in CUDA graphs to
 replay -- and its findings become ``page-not-allocated`` with the free site's stack (read on the
 host when reported). Graph-padding rows read the padding page by design and are not reported
 (:func:`_padding` says how they are told apart from live rows). A CSR list gets a derived list
-the same way, with torch ops (:func:`not_allocated_entries`).
+the same way, over its live entries only (:func:`not_allocated_entries`).
 """
 
 from __future__ import annotations
