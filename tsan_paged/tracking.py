@@ -127,9 +127,11 @@ class PoolState:
                         return _launch_mark(self, ids, status, sid, per_page, current)
                 return _launch_mark(self, ids, status, sid, per_page, current)
             except Exception as exc:  # never the allocator's failure: torch ops from now on
+                from .device import _warn_once
+
                 _kernels_module[0] = None
-                _warn(f"tsan_paged: track_pages' mark kernel failed ({type(exc).__name__}: {exc}); "
-                      "page states are updated with torch ops from now on")
+                _warn_once("mark-kernel", f"tsan_paged: track_pages' mark kernel failed ({type(exc).__name__}: "
+                           f"{exc}); page states are updated with torch ops from now on")
         with torch.cuda.stream(torch.cuda.ExternalStream(current, device=device)):
             self._fill(ids, status, sid, per_page)
 
@@ -501,12 +503,6 @@ _mark_launchers: dict = {}  # (device, ids dtype, ids 16-byte aligned, with a st
 
 
 _kernels_module: list = []
-
-
-def _warn(message: str) -> None:
-    from loguru import logger
-
-    logger.bind(tsan_paged=True).warning(message)
 
 
 def _kernels():

@@ -39,7 +39,7 @@ _READS = ("q", "k_cache", "v_cache", "k", "cache_seqlens", "block_table", "windo
 
 def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, lengths, lengths_arg="cache_seqlens",
                     new_tokens=0, q_len=1, window_left=-1, max_tile=0, writes=False,
-                    cache_args=("k_cache", "v_cache"), call=None, q_lens=None) -> list:
+                    cache_args=("k_cache", "v_cache"), call=None, cu_seqlens_q=None) -> list:
     """The findings and the :class:`PageTable` of a FlashAttention paged-KV call (FA2, FA3, FA4
     and the forks SGLang and vLLM ship: they read a page table the same way).
 
@@ -54,7 +54,7 @@ def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, length
     ``q_len``: the query rows of a request (the largest, for ragged queries). ``writes``: the
     kernel writes new tokens through the table (no guard value is safe: page 0 would be
     overwritten). ``call``: the call being checked, for ``track_pages`` (SGLang's pools);
-    ``q_lens``: each row's query rows, for ragged queries (``q_len`` is then the largest).
+    ``cu_seqlens_q``: the rows' query offsets, for ragged queries (``q_len`` is then the largest).
     """
     found = []
     k_arg, v_arg = cache_args
@@ -104,11 +104,12 @@ def paged_kv_access(*, device, batch, k_cache, v_cache, table, table_arg, length
                        q_len=int(q_len), tile=tile, guard=None if writes else 0,
                        only=None if check_lengths else PAGE_CHECKS)
     found.append(access)
-    if call is not None:  # the pages it attends to, exactly (the window's first token on): track_pages
+    if call is not None and tracking.enabled(call):  # the pages it attends to, exactly: track_pages
         region = None
-        if q_lens is not None and exact_window >= 0:  # ragged: each row's window starts at its own query
+        if cu_seqlens_q is not None and exact_window >= 0:  # ragged: each row's window starts at its own query
             kv_len = lengths.to(torch.int64) + int(new_tokens)
-            first = (kv_len - q_lens.to(kv_len.device, torch.int64) - int(exact_window)).clamp(min=0) // page_size
+            q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(kv_len.device, torch.int64)
+            first = (kv_len - q_lens - int(exact_window)).clamp(min=0) // page_size
             region = (first, checks.ceil_div(kv_len.clamp(min=0), page_size))
         found += tracking.check_read_pages(call, access, (caches[0][0],), window_left=int(exact_window),
                                            q_len=int(q_len), region=region)

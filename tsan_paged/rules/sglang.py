@@ -89,7 +89,7 @@ def _fa_kvcache(call, version: int):
                            table_arg="page_table", lengths=lengths, new_tokens=new_tokens, q_len=q_len,
                            window_left=window[0] if window is not None else -1,
                            max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, writes=writes, call=call,
-                           q_lens=cu_q[1:] - cu_q[:-1] if cu_q is not None else None)
+                           cu_seqlens_q=cu_q)
 
 
 _FA_VARLEN_READS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "max_seqlen_q", "page_table",
@@ -109,7 +109,7 @@ def _fa_varlen(call, version: int):
                            lengths=lengths, lengths_arg=lengths_arg, q_len=q_len,
                            window_left=window[0] if window is not None else -1,
                            max_tile=FA4_MAX_TILE if version == 4 else FA3_MAX_TILE, cache_args=("k", "v"),
-                           call=call, q_lens=cu_q[1:] - cu_q[:-1] if cu_q is not None else None)
+                           call=call, cu_seqlens_q=cu_q)
 
 
 @rule(f"{OPS}.flash_attention:flash_attn_with_kvcache", name="sglang.flash_attn_with_kvcache",
