@@ -6,6 +6,7 @@ the installed ``tsan_paged_autostart.pth`` because ``TSAN_PAGED`` is in the envi
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -100,7 +101,7 @@ def test_abort_ends_a_worker_that_swallows_exceptions(program, tmp_path):
     assert result.stdout.count("finished") == 1  # only the good worker
     assert "aborting (mode=abort, exit status 86)" in result.stderr
     [bad] = [recs for recs in records(tmp_path / "r").values() if any(r["type"] == "violation" for r in recs)]
-    assert [r["type"] for r in bad] == ["violation", "summary"]  # flushed before the process ended
+    assert [r["type"] for r in bad] == ["start", "violation", "summary"]  # flushed before the process ended
 
 
 def test_tsan_paged_run_merges_the_tree_and_keeps_the_status(program, tmp_path):
@@ -121,6 +122,66 @@ def test_tsan_paged_run_merges_the_tree_and_keeps_the_status(program, tmp_path):
     assert "exitcodes [86, 0]" in aborted.stdout
     failing = run([sys.executable, "-m", "tsan_paged.cli", "run", "--", sys.executable, "-c", "raise SystemExit(7)"])
     assert failing.returncode == 7
+
+
+CLEAN_PROGRAM = textwrap.dedent("""
+    import os, signal, sys, time
+    from batches import call_kernel, make_batch
+
+    batch = make_batch(num_pages=30, lengths=[20, 40])
+    for _ in range(int(sys.argv[1])):
+        call_kernel(batch)
+    if sys.argv[2] == "kill":  # a server's worker SIGKILLed by its parent: no exit handler runs
+        time.sleep(float(sys.argv[3]))
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_clean_run_says_what_it_checked(tmp_path):
+    """Issue 19: a clean run must tell "checked 5 calls, 0 findings" from "never active"."""
+    program = tmp_path / "clean.py"
+    program.write_text(CLEAN_PROGRAM)
+    report_dir = tmp_path / "reports"
+    result = run([sys.executable, "-m", "tsan_paged.cli", "run", "--report-dir", str(report_dir), "--",
+                  sys.executable, str(program), "5", "exit"])
+    assert result.returncode == 0, result.stderr
+    target = "flashinfer.decode:trtllm_batch_decode_with_kv_cache"
+    assert f"1 process(es) sanitized; 5 call(s) checked; 0 finding(s), 0 error(s)" in result.stderr, result.stderr
+    assert re.search(rf"{re.escape(target)}\s+5  \(5 on the host\)", result.stderr), result.stderr
+    # the process's own summary at exit carries the counts too, with no finding
+    assert "tsan_paged summary: 0 error(s), 0 warning(s) in 0 distinct finding(s); 5 call(s) checked" in result.stderr
+    [(name, recs)] = records(report_dir).items()
+    assert [r["type"] for r in recs] == ["start", "summary"]
+    assert recs[0]["argv"][-3:] == [str(program), "5", "exit"]
+    assert recs[1]["checked"] == [[target, "host", 5]]
+    shown = run([sys.executable, "-m", "tsan_paged.cli", "show", str(report_dir)])
+    assert shown.returncode == 0 and "5 call(s) checked" in shown.stdout
+
+    # a process that checks nothing is still listed as sanitized, so "nothing checked" is visible
+    idle = run([sys.executable, "-m", "tsan_paged.cli", "run", "--report-dir", str(tmp_path / "idle"), "--",
+                sys.executable, "-c", "import torch"])
+    assert "1 process(es) sanitized; 0 call(s) checked" in idle.stderr, idle.stderr
+    assert "no call of a checked target was made" in idle.stderr
+    # and a command in which nothing was sanitized says so
+    bare = run([sys.executable, "-m", "tsan_paged.cli", "run", "--report-dir", str(tmp_path / "bare"), "--",
+                sys.executable, "-c", "pass"])
+    assert "no process of the command was sanitized" in bare.stderr, bare.stderr
+
+
+def test_a_killed_process_leaves_its_counts(tmp_path):
+    """A worker SIGKILLed by its parent runs no exit handler: its counts, written while it ran, remain."""
+    from tsan_paged.report import CHECKED_FLUSH_S
+
+    program = tmp_path / "killed.py"
+    program.write_text(CLEAN_PROGRAM)
+    result = run([sys.executable, str(program), "4", "kill", str(CHECKED_FLUSH_S * 2)], TSAN_PAGED="log",
+                 TSAN_PAGED_REPORT_DIR=str(tmp_path / "r"))
+    assert result.returncode == -9
+    [(name, recs)] = records(tmp_path / "r").items()
+    assert [r["type"] for r in recs] == ["start", "checked"]
+    assert recs[1]["checked"] == [["flashinfer.decode:trtllm_batch_decode_with_kv_cache", "host", 4]]
+    shown = run([sys.executable, "-m", "tsan_paged.cli", "show", str(tmp_path / "r")])
+    assert "4 call(s) checked" in shown.stdout and "ended without its exit summary" in shown.stdout, shown.stdout
 
 
 def test_rank_in_the_report_file_name(tmp_path):

@@ -73,7 +73,8 @@ def _run(args, parser) -> int:
         text, _ = merge_report_dir(report_dir)
         print(text, file=sys.stderr)
     except FileNotFoundError:
-        print(f"tsan-paged run: no process reported anything (reports: {report_dir})", file=sys.stderr)
+        print(f"tsan-paged run: no process of the command was sanitized, so nothing was checked: none imported "
+              f"torch in a Python environment where tsan_paged is installed (reports: {report_dir})", file=sys.stderr)
     print(f"tsan-paged run: {' '.join(cmd)} exited with status {status}", file=sys.stderr)
     return status
 

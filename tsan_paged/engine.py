@@ -45,11 +45,19 @@ def capturing() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
+HOST, DEVICE, CAPTURED, SKIPPED = "host", "device", "captured", "skipped"
+"""How a description was checked (the sanitizer counts checked calls by it): with torch on the host;
+by a device launch now; by a device launch captured into a CUDA graph, which checks at every
+replay; or not at all, skipped while a graph was being captured."""
+
+
 def execute(items, call, settings: Settings, op: str, library_dirs: tuple = (),
-            capture: Optional[bool] = None) -> list:
+            capture: Optional[bool] = None, paths: Optional[set] = None) -> list:
     """The findings of a rule's output ``items`` (Violations and access descriptions) for one
-    call; ``capture``: whether a CUDA graph is being captured (looked up here when not given)."""
+    call; ``capture``: whether a CUDA graph is being captured (looked up here when not given);
+    ``paths``: a set that gets how each description was checked (:data:`HOST`, ...)."""
     found = []
+    paths = set() if paths is None else paths
     for item in items:
         if not is_access(item):
             found.append(item)
@@ -58,17 +66,21 @@ def execute(items, call, settings: Settings, op: str, library_dirs: tuple = (),
             if item.cuda:
                 capture = capturing() if capture is None else capture
                 if capture:
+                    paths.add(SKIPPED)
                     found += _skipped(settings, op, library_dirs, item.what, "it reads the tensors on the host")
                     continue
+            paths.add(HOST)
             found += item.run()
             continue
         tensors = item.tensors()
         if any(t.is_cuda for t in tensors):
             capture = capturing() if capture is None else capture
-            found += _on_device(item, tensors, settings, op, library_dirs, capture)
+            found += _on_device(item, tensors, settings, op, library_dirs, capture, paths)
         elif getattr(call.options, "device_interpret", False) and _device_module().available():
+            paths.add(HOST)  # the device kernel, run by Triton's interpreter on the host (the tests')
             found += _interpreted(item)
         else:
+            paths.add(HOST)
             found += checks.TORCH_CHECKS[type(item)](item)
     return found
 
@@ -79,7 +91,8 @@ def findings(items, call, settings: Optional[Settings] = None) -> list:
     return execute(list(items), call, settings or Settings(), call.target)
 
 
-def _on_device(item, tensors: tuple, settings: Settings, op: str, library_dirs: tuple, capture: bool) -> list:
+def _on_device(item, tensors: tuple, settings: Settings, op: str, library_dirs: tuple, capture: bool,
+               paths: set) -> list:
     devices = {t.device for t in tensors}
     if len(devices) > 1:  # a kernel reads all of them from one device: never launch across devices
         names = ", ".join(sorted(str(d) for d in devices))
@@ -100,10 +113,13 @@ def _on_device(item, tensors: tuple, settings: Settings, op: str, library_dirs: 
         if plan is not None:
             if settings.errs is None:
                 settings.errs = device.err_mask(settings.severity)
+            paths.add(CAPTURED if capture else DEVICE)
             return metadata + device.check(plan, device.launch_tensors(item), settings, op, library_dirs, capture)
         why = "its form has no device kernel"
     if capture:
+        paths.add(SKIPPED)
         return _skipped(settings, op, library_dirs, _what(item), why)
+    paths.add(HOST)
     return checks.TORCH_CHECKS[type(item)](item)  # eager: the torch checks (they sync)
 
 

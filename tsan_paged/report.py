@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,14 +123,25 @@ class PageTableViolation(RuntimeError):
         super().__init__(text)
 
 
+CHECKED_FLUSH_S = 2.0
+"""How often (seconds) a process's checked-call counts are written to its report file while it
+runs, so that a process killed without running its exit handlers (a server's workers are often
+SIGKILLed by their parent) still leaves them."""
+
+
 class Reporter:
-    """Process-wide log of findings.
+    """Process-wide log of findings, and the count of checked calls.
 
     The first finding of each (op, check, caller) is logged through loguru (every finding
-    when ``dedup`` is off) and, with a report directory, written as a JSON line to
-    ``<dir>/tsan_paged[.rank<R>].<pid>.jsonl`` (a new file per process, never overwritten,
-    at most ``max_lines`` findings). At exit a summary is printed to stderr and a summary
-    record with the counts is appended to the file. A forked child starts afresh.
+    when ``dedup`` is off). At exit a summary of the findings and of the calls checked per
+    target is printed to stderr (when there is either).
+
+    With a report directory, each sanitized process writes JSON lines to
+    ``<dir>/tsan_paged[.rank<R>].<pid>.jsonl`` (a new file per process, never overwritten): a
+    ``start`` record (pid, rank, command line) when the process is sanitized, each new finding
+    (at most ``max_lines``), its ``checked`` counts every :data:`CHECKED_FLUSH_S` seconds while
+    they change, and a ``summary`` record with both counts at exit. So a clean run still says
+    which processes were sanitized and what each checked. A forked child starts afresh.
     """
 
     def __init__(self):
@@ -137,6 +149,7 @@ class Reporter:
         self._pid = os.getpid()
         self.counts: Counter = Counter()
         self.first: dict = {}
+        self.checked: Counter = Counter()  # (op, how) -> calls checked (sanitizer.PagedSanitizer.checked)
         self.report_dir: Optional[str] = None
         self.report_path: Optional[Path] = None
         self.max_lines = 10000
@@ -144,22 +157,25 @@ class Reporter:
         self._atexit_registered = False
         self._finished = None  # pid whose summary was written
         self._at_finish: list = []  # callbacks run before the summary
+        self._flusher: Optional[threading.Thread] = None
+        self._flushed_total = 0  # sum of the checked counts last written
 
     def open_report_dir(self, directory: str, max_lines: int = 10000) -> None:
-        """Write this process's findings under ``directory`` (first call in a process wins).
-
-        The file is created with the first finding: processes with nothing to say leave none.
-        """
+        """Write this process's records under ``directory`` (first call in a process wins); the
+        file is created now, with the ``start`` record."""
         with self._lock:
             self._after_fork()
             if self.report_dir is None:
                 self.report_dir, self.max_lines = str(directory), max_lines
+            self._report_file()
+            self._register_atexit()
 
     def _report_file(self) -> Path:
-        """This process's file under ``report_dir``, created on first use (after a fork too)."""
+        """This process's file under ``report_dir``, created on first use (after a fork too) with
+        its ``start`` record."""
         if self.report_path is None:
             Path(self.report_dir).mkdir(parents=True, exist_ok=True)
-            rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
+            rank = _rank()
             stem = f"tsan_paged.{f'rank{rank}.' if rank else ''}{os.getpid()}"
             for n in range(1000):
                 path = Path(self.report_dir) / (f"{stem}.jsonl" if n == 0 else f"{stem}.{n}.jsonl")
@@ -169,7 +185,30 @@ class Reporter:
                 except FileExistsError:
                     continue
             self.report_path = path
+            self._append({"type": "start", **self._origin(), "argv": _command_line()})
         return self.report_path
+
+    def count_checked(self, key: tuple) -> None:
+        """One more call checked: ``key`` is ``(op, how)``."""
+        with self._lock:
+            self.checked[key] += 1
+            if self._flusher is None and self.report_dir is not None:
+                self._after_fork()
+                self._flusher = threading.Thread(target=self._flush_checked_loop, name="tsan_paged-report",
+                                                 daemon=True)
+                self._flusher.start()
+
+    def _flush_checked_loop(self) -> None:
+        pid = os.getpid()
+        while os.getpid() == pid and self._finished != pid:
+            time.sleep(CHECKED_FLUSH_S)
+            with self._lock:
+                total = sum(self.checked.values())
+                if total == self._flushed_total or self._finished == pid or self.report_dir is None:
+                    continue
+                self._flushed_total = total
+                self._report_file()
+                self._append({"type": "checked", **self._origin(), "checked": _checked_rows(self.checked)})
 
     def report(self, violation: Violation, dedup: bool = True) -> None:
         key = (violation.op, violation.check, violation.caller)
@@ -206,7 +245,8 @@ class Reporter:
     def summary(self) -> str:
         with self._lock:
             items = [(self.first[k], n) for k, n in self.counts.items()]
-        return format_summary(items)
+            checked = Counter(self.checked)
+        return format_summary(items, checked=checked)
 
     def finish(self) -> None:
         """At exit (or before an abort): the summary to stderr and to the report file."""
@@ -220,10 +260,11 @@ class Reporter:
             if os.getpid() != self._pid or self._finished == self._pid:
                 return
             self._finished = self._pid
-            if self.report_dir is not None and self.counts:
+            if self.report_dir is not None:
                 self._report_file()
                 self._append({"type": "summary", **self._origin(),
-                              "counts": [[*key, self.first[key].severity, n] for key, n in self.counts.items()]})
+                              "counts": [[*key, self.first[key].severity, n] for key, n in self.counts.items()],
+                              "checked": _checked_rows(self.checked)})
         text = self.summary()
         if text:
             try:  # at exit, loguru's sinks (or pytest's capture) may be closed: use the real stderr
@@ -236,6 +277,7 @@ class Reporter:
         with self._lock:
             self.counts.clear()
             self.first.clear()
+            self.checked.clear()
 
     def _append(self, record: dict) -> None:
         try:
@@ -245,15 +287,17 @@ class Reporter:
             pass  # a full disk must not stop the program; the log still has the finding
 
     def _origin(self) -> dict:
-        return {"pid": os.getpid(), "rank": os.environ.get("RANK") or os.environ.get("LOCAL_RANK")}
+        return {"pid": os.getpid(), "rank": _rank()}
 
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:  # a forked child: its own counts and (on first use) its own file
             self._pid = os.getpid()
             self.counts.clear()
             self.first.clear()
+            self.checked.clear()
             self.report_path, self._lines = None, 0
             self._atexit_registered = False
+            self._flusher, self._flushed_total = None, 0
 
     def _register_atexit(self) -> None:
         if not self._atexit_registered:
@@ -274,43 +318,89 @@ def _finalize_in_child(reporter: Reporter) -> None:
     mp_util.Finalize(None, reporter.finish, exitpriority=-100)
 
 
-def format_summary(items, title: str = "tsan_paged summary") -> str:
-    """One screen: ``items`` is ``[(first Violation, count)]``."""
-    if not items:
+def format_summary(items, title: str = "tsan_paged summary", checked: Optional[Counter] = None) -> str:
+    """One screen: ``items`` is ``[(first Violation, count)]``, ``checked`` the calls checked per
+    ``(op, how)``; empty when there is neither."""
+    if not items and not checked:
         return ""
     items = sorted(items, key=lambda item: (item[0].severity != "error", -item[1]))
     errors = sum(n for v, n in items if v.severity == "error")
     warnings = sum(n for v, n in items if v.severity != "error")
-    lines = [f"{title}: {errors} error(s), {warnings} warning(s) in {len(items)} distinct finding(s)"]
+    lines = [f"{title}: {errors} error(s), {warnings} warning(s) in {len(items)} distinct finding(s); "
+             f"{sum((checked or {}).values()):,} call(s) checked"]
     for v, n in items[:20]:
         lines.append(f"  {n:>7} x {v.severity:<7} {v.check:<24} {v.op}  at {v.caller or '?'}")
     if len(items) > 20:
         lines.append(f"  ... and {len(items) - 20} more")
+    if checked:
+        lines.append(format_checked(checked))
     return "\n".join(lines)
 
 
+HOW = {"host": "on the host", "device": "on the device", "captured": "captured in CUDA graphs (checked at each replay)",
+       "skipped": "skipped in CUDA graph capture"}
+
+
+def format_checked(checked: Counter, indent: str = "  ") -> str:
+    """The calls checked, per target, most first: ``checked`` maps ``(op, how)`` to a count."""
+    per_op: dict = {}
+    for (op, how), n in checked.items():
+        per_op.setdefault(op, Counter())[how] += n
+    rows = sorted(per_op.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    width = max(len(op) for op, _ in rows)
+    lines = [f"{indent}checked calls per target:"]
+    for op, hows in rows:
+        detail = ", ".join(f"{n:,} {HOW.get(how, how)}" for how, n in sorted(hows.items(), key=lambda i: -i[1]))
+        lines.append(f"{indent}  {op:<{width}}  {sum(hows.values()):>9,}  ({detail})")
+    return "\n".join(lines)
+
+
+def _checked_rows(checked: Counter) -> list:
+    return [[op, how, n] for (op, how), n in checked.items()]
+
+
+def _rank():
+    return os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
+
+
+def _command_line() -> list:
+    """This process's command line, as far as it can be told (a spawned worker's is Python's own)."""
+    argv = list(getattr(sys, "orig_argv", None) or sys.argv)
+    return [a if len(a) <= 200 else a[:200] + "..." for a in argv[:24]]
+
+
 def merge_report_dir(directory) -> tuple:
-    """Merge every process's JSON lines under ``directory``: ``(text, error count)``."""
+    """Merge every process's JSON lines under ``directory``: ``(text, error count)``.
+
+    The text opens with one line that says how many processes were sanitized, how many calls
+    they checked and how many findings they made, then the calls checked per target, one line
+    per process, and the merged findings with their first report each."""
     files = sorted(Path(directory).glob("tsan_paged.*.jsonl"))
     if not files:
         raise FileNotFoundError(f"{directory}: no tsan_paged.*.jsonl report files")
     merged: dict = {}  # key -> [first Violation, count, processes]
+    checked_all: Counter = Counter()
     processes = []
     for path in files:
-        firsts, counts = {}, None
-        origin = {}
+        firsts, counts, checked = {}, None, Counter()
+        origin, argv, ended = {}, None, False
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed process
             origin = {"pid": record.get("pid"), "rank": record.get("rank")}
-            if record.get("type") == "violation":
+            kind = record.get("type")
+            if kind == "start":
+                argv = record.get("argv")
+            elif kind == "violation":
                 data = {k: v for k, v in record.items() if k not in ("type", "pid", "rank")}
                 v = Violation.from_dict(data)
                 firsts.setdefault((v.op, v.check, v.caller), v)
-            elif record.get("type") == "summary":
-                counts = {tuple(c[:3]): c[4] for c in record["counts"]}
+            elif kind in ("checked", "summary"):
+                checked = Counter({(op, how): n for op, how, n in record.get("checked", [])})
+                if kind == "summary":
+                    counts, ended = {tuple(c[:3]): c[4] for c in record["counts"]}, True
         if counts is None:  # no summary: the process died first; count what it wrote
             counts = {key: 1 for key in firsts}
         for key, n in counts.items():
@@ -319,14 +409,27 @@ def merge_report_dir(directory) -> tuple:
                 entry[0] = entry[0] or firsts.get(key)
                 entry[1] += n
                 entry[2] += 1
+        checked_all.update(checked)
         errors = sum(n for key, n in counts.items() if key in firsts and firsts[key].severity == "error")
-        processes.append(f"  {path.name}: pid {origin.get('pid')}, rank {origin.get('rank') or '-'}, "
-                         f"{sum(counts.values())} finding(s), {errors} error(s)")
+        command = " ".join(a.replace("\n", "\\n") for a in argv)[:120] if argv else "?"
+        processes.append(f"  pid {origin.get('pid')}, rank {origin.get('rank') or '-'}: {sum(checked.values()):,} "
+                         f"call(s) checked, {sum(counts.values())} finding(s), {errors} error(s)"
+                         f"{'' if ended else ' (ended without its exit summary: counts as last written)'}: "
+                         f"{command}  [{path.name}]")
     items = [(v, n) for v, n, _ in merged.values() if v is not None]
-    text = "\n".join([f"{len(files)} process report(s) in {directory}:"] + processes + [""]
-                     + [format_summary(items, "merged")] + [""]
-                     + [v.format(with_stack=True) for v, _ in sorted(items, key=lambda i: i[0].severity != "error")])
-    return text, sum(n for v, n in items if v.severity == "error")
+    errors = sum(n for v, n in items if v.severity == "error")
+    headline = (f"{len(files)} process(es) sanitized; {sum(checked_all.values()):,} call(s) checked; "
+                f"{sum(n for _, n in items)} finding(s), {errors} error(s)  (reports: {directory})")
+    lines = [headline]
+    if checked_all:
+        lines.append(format_checked(checked_all))
+    else:
+        lines.append("  no call of a checked target was made: no rule's kernel ran in these processes")
+    lines += ["  processes:"] + ["  " + p for p in processes]
+    if items:
+        lines += ["", format_summary(items, "merged"), ""]
+        lines += [v.format(with_stack=True) for v, _ in sorted(items, key=lambda i: i[0].severity != "error")]
+    return "\n".join(lines), errors
 
 
 reporter = Reporter()

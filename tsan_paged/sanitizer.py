@@ -45,6 +45,7 @@ import os
 import sys
 import threading
 import traceback
+from collections import Counter
 from typing import Optional
 
 from loguru import logger
@@ -60,6 +61,7 @@ from .access import Settings
 from .report import PageTableViolation, Violation, reporter
 
 
+_PATH_ORDER = (engine.SKIPPED, engine.CAPTURED, engine.DEVICE, engine.HOST)
 _state_lock = threading.RLock()
 _active: list = []  # entered sanitizers, most recent last
 _serials = itertools.count(1)
@@ -81,6 +83,10 @@ class PagedSanitizer(contextlib.ContextDecorator):
 
     Attributes:
         reports: every :class:`Violation` seen while active (up to ``max_reports``).
+        checked: how many calls were checked, per ``(target, how)``: ``how`` is ``"host"`` (torch
+            checks), ``"device"`` (a sync-free device launch), ``"captured"`` (a device launch
+            captured into a CUDA graph: it checks at every replay) or ``"skipped"`` (a check that
+            cannot run while a graph is captured; reported as ``rule-skipped-in-capture``).
     """
 
     def __init__(self, mode: Optional[str] = None, config=None, dump_dir: Optional[str] = None, *,
@@ -108,6 +114,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
                                  device_action=self.config.device_action, poll_s=self.config.device_poll_s,
                                  severity=self.config.severity, sink=self)
         self.reports: list = []
+        self.checked: Counter = Counter()  # (target, how) -> calls checked: how is engine.HOST, DEVICE, ...
         self.dropped = 0
         self.suppressed = 0
         self._deferred_errors: list = []  # device findings read after their call (raise mode raises them)
@@ -335,7 +342,9 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 gc.enable()
 
     def _check_and_act_now(self, target: str, rules, arguments: dict, library_dirs: tuple, capture: bool) -> None:
-        violations = self._run_rules(target, rules, arguments, library_dirs, capture)
+        paths = set()
+        violations = self._run_rules(target, rules, arguments, library_dirs, capture, paths)
+        self._count_checked(target, paths)
         if not violations:
             return
         caller, stack = find_caller(library_dirs)
@@ -354,10 +363,12 @@ class PagedSanitizer(contextlib.ContextDecorator):
         if self.mode == "abort":
             _abort(errors, dump_path, self.config.exit_code, tell_peers=self.config.abort_peers)
 
-    def _run_rules(self, target: str, rules, arguments: dict, library_dirs: tuple = (), capture: bool = False) -> list:
+    def _run_rules(self, target: str, rules, arguments: dict, library_dirs: tuple = (), capture: bool = False,
+                   paths: Optional[set] = None) -> list:
         """The findings of ``rules`` on one call: each rule describes (and checks metadata), the
         engine checks the descriptions (on the device for CUDA tensors). ``capture``: the current
-        CUDA stream is capturing a graph."""
+        CUDA stream is capturing a graph; ``paths`` gets how the descriptions were checked."""
+        paths = set() if paths is None else paths
         found = []
         call = Call(target, arguments, self.options)
         _local.checking = True
@@ -370,12 +381,13 @@ class PagedSanitizer(contextlib.ContextDecorator):
                 try:
                     with engine.no_sync_while(guarded):
                         items = list(rule.check(call))
-                    found.extend(engine.execute(items, call, self.settings, target, library_dirs, capture))
+                    found.extend(engine.execute(items, call, self.settings, target, library_dirs, capture, paths))
                 except UnboundArgument as exc:
                     found.append(Violation("rule-unbound", target, f"rule {rule.name} reads {exc.args[0]!r}, "
                                                                    f"which {target} does not take (library drift?)"))
                 except Exception as exc:
                     if guarded and engine.sync_refusal(exc):
+                        paths.add(engine.SKIPPED)
                         found += engine.skipped_rule(self.settings, target, library_dirs, rule.name, exc)
                         continue
                     found.append(Violation("rule-error", target, f"rule {rule.name} raised "
@@ -384,6 +396,16 @@ class PagedSanitizer(contextlib.ContextDecorator):
         finally:
             _local.checking = False
         return found
+
+    def _count_checked(self, target: str, paths: set) -> None:
+        """Count one checked call by how it was checked: skipped in a capture if any of its checks
+        was, else captured into a CUDA graph, else on the device, else on the host."""
+        how = next((p for p in _PATH_ORDER if p in paths), engine.HOST)
+        key = (target, how)
+        with self._lock:
+            self.checked[key] += 1
+        if self.summary:
+            reporter.count_checked(key)
 
     def _configured(self, violations) -> list:
         """The findings the config keeps: per-check severities ("off" drops), then suppressions."""
