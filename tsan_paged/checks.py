@@ -46,6 +46,39 @@ def _index_text(index) -> str:
     return ", ".join(map(str, index))
 
 
+# -- comparisons of index values with Python ints, for any integer dtype --------------------
+# torch casts a Python int to the tensor's dtype before it compares: ``int32_tensor >= 2**62`` is
+# ``int32_tensor >= 0`` (2**62 wraps to 0) and ``int32_tensor >= 2**31`` is ``>= -2**31``. Bounds
+# are page counts, lengths and sentinels that may exceed an int32 table's range (a sanitizer's
+# "no page count known" bound, a pool of 2**31 slots, a huge max_seq_len): every comparison of
+# page ids or lengths with a bound goes through these, which answer as if in infinite precision.
+
+def at_least(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """``values >= bound`` for an integer tensor of any dtype and any Python int ``bound``."""
+    info = torch.iinfo(values.dtype)
+    if bound > info.max:  # no value reaches it
+        return torch.zeros_like(values, dtype=torch.bool)
+    if bound <= info.min:
+        return torch.ones_like(values, dtype=torch.bool)
+    if values.dtype in _WIDENED:
+        values = values.to(torch.int64)
+    return values >= bound
+
+
+_WIDENED = (torch.uint16, torch.uint32, torch.uint64)  # few CPU ops take them (uint64 past 2**63 wraps)
+
+
+def above(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """``values > bound`` (see :func:`at_least`)."""
+    return at_least(values, bound + 1)
+
+
+def out_of_range(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """``values < 0 or values >= bound``: entries that are not an index into ``bound`` items."""
+    high = at_least(values, bound)
+    return high | (values < 0) if values.dtype.is_signed else high
+
+
 # -- messages: one wording for the torch checks and the device records ---------------------
 
 def page_message(arg: str, index: tuple, value: int, buffer: str, pages: int, live: bool) -> str:
@@ -249,7 +282,7 @@ def _check_lengths(lengths, arg, bounds, max_len, max_len_arg, index_of) -> list
         found.append(_per_row("negative-seq-len", arg, lengths, rows, 0, index_of,
                               lambda r, v: negative_message(arg, r, v)))
     if max_len is not None and high > max_len:
-        rows = (lengths > max_len).nonzero().flatten()
+        rows = above(lengths, max_len).nonzero().flatten()
         found.append(_per_row("seq-len-exceeds-max", arg, lengths, rows, max_len, index_of,
                               lambda r, v: over_max_message(arg, r, v, max_len_arg, max_len)))
     return found
@@ -259,7 +292,7 @@ def _check_lengths_fit(lengths, arg, bounds, page_size, width, table_arg, index_
     capacity = width * page_size
     if bounds[1] <= capacity:
         return []
-    rows = (lengths > capacity).nonzero().flatten()
+    rows = above(lengths, capacity).nonzero().flatten()
     return [_per_row("seq-len-exceeds-table", arg, lengths, rows, capacity, index_of,
                      lambda r, v: over_table_message(arg, r, v, page_size, table_arg, width))]
 
@@ -280,7 +313,7 @@ def _pages_in_range(table, arg, num_pages, buffer, region, index_of) -> list:
     if int(low) >= 0 and int(high) < num_pages:
         return []
     first, end = region()
-    bad = (table < 0) | (table >= num_pages)
+    bad = out_of_range(table, num_pages)
     if first is None and end is None:
         live_bad, dead_bad = bad, None
     else:
@@ -344,7 +377,7 @@ def _duplicate_pages(table, arg, region, index_of) -> list:
 def window_first_page(lengths, window_left: int, q_len: int, page_size: int, tile: int):
     """First column a sliding-window kernel loads per row: ``S = len - q_len - window_left``
     tokens (``len - (q_len - 1) - (window_left + 1)``) are skipped in whole tiles of ``tile``."""
-    skipped = (lengths - q_len - window_left).clamp(min=0)
+    skipped = (lengths.to(torch.int64) - q_len - window_left).clamp(min=0)  # int64: window_left may pass 2**31
     return (skipped // tile * tile) // page_size
 
 
@@ -487,7 +520,7 @@ def _csr_live_pages(access: CsrPages, live, start, bounds, buffer: Buffer) -> li
     low, high = torch.aminmax(live)
     if int(low) >= 0 and int(high) < num_pages:
         return []
-    bad = ((live < 0) | (live >= num_pages)).nonzero().flatten()
+    bad = out_of_range(live, num_pages).nonzero().flatten()
     positions = bad + start
     row_of = torch.searchsorted(bounds, positions, right=True) - 1
     pos = torch.stack([row_of, positions - bounds[row_of]], dim=1)
@@ -538,7 +571,7 @@ def _write_findings(access: CsrPages, bounds) -> list:
     indices = access.indices.reshape(-1)
     written = indices[entry.where(ok, 0)].to(torch.int64) if indices.numel() else entry
     for buffer in access.buffers:
-        bad_page = ok & ((written < 0) | (written >= buffer.pages))
+        bad_page = ok & out_of_range(written, buffer.pages)
         if bool(bad_page.any()):
             tokens = bad_page.nonzero().flatten()
             t = int(tokens[0])
@@ -562,7 +595,7 @@ def slot_findings(access: Slots) -> list:
     low, high = _sync_bounds(slots)
     if high < num_slots and (low >= 0 or access.negative_skipped):
         return []
-    bad = (slots >= num_slots) if access.negative_skipped else ((slots < 0) | (slots >= num_slots))
+    bad = at_least(slots, num_slots) if access.negative_skipped else out_of_range(slots, num_slots)
     bad = bad.nonzero().flatten()
     values = slots[bad]
     token, value = int(bad[0]), int(values[0])
@@ -590,6 +623,6 @@ TORCH_CHECKS = {PageTable: page_table_findings, Lengths: lengths_findings, CsrPa
                 Slots: slot_findings}
 """The torch check of each access form (the engine's CPU path)."""
 
-__all__ = ["ceil_div", "check_csr_pages", "check_device", "check_dtype", "check_duplicate_pages",
+__all__ = ["above", "at_least", "ceil_div", "check_csr_pages", "check_device", "check_dtype", "check_duplicate_pages",
            "check_lengths", "check_lengths_fit", "check_packed_rows", "check_pages_in_range", "check_slots",
-           "length_bounds"]
+           "length_bounds", "out_of_range"]

@@ -181,6 +181,13 @@ def _dense_launch(rows: int, width: int, row_stride: int, itemsize: int, entries
     return grid, block_r, sub_r, block_w, _pow2(block_r), min(FBLOCK_MAX, max(128, _pow2(span))), align
 
 
+def _max_len_arg(max_len: Optional[int]) -> int:
+    """The kernel's MAXLEN: ``-1`` for none, else the bound itself (up to int64's range: uint32
+    lengths reach 2**32 - 1, so a bound past int32's range must not be clamped to it). The
+    kernels compare it with lengths widened to int64, whatever type Triton gives the scalar."""
+    return -1 if max_len is None else min(int(max_len), K.BIG)
+
+
 def _page_table_plan(a: PageTable) -> Plan:
     table, lengths = a.table, a.lengths
     if a.form is not None:  # the rule's own key for everything but the values (cheaper to hash)
@@ -209,7 +216,7 @@ def _page_table_plan(a: PageTable) -> Plan:
         else:
             region = K.REGION_LENGTHS
         window = -1 if a.window_left is None or a.window_left < 0 else int(a.window_left)
-        max_len = -1 if a.max_len is None else min(int(a.max_len), K.INT32_MAX)
+        max_len = _max_len_arg(a.max_len)
         len_unsigned = lengths is not None and lengths.dtype == torch.uint32
         head = (rows, width, row_stride, width if kv_split else 0, len(views), pages[0], pages[-1], min(pages),
                 a.page_size, width * a.page_size, max_len, region, window, int(a.q_len), int(a.length_offset),
@@ -237,7 +244,7 @@ def _lengths_plan(a: Lengths) -> Plan:
         width = a.width if a.width is not None else 0
         page_size = a.page_size if a.page_size is not None else 1
         capacity = width * page_size if a.page_size is not None and a.width is not None else K.BIG
-        max_len = -1 if a.max_len is None else min(int(a.max_len), K.INT32_MAX)
+        max_len = _max_len_arg(a.max_len)
         len_unsigned = lengths.dtype == torch.uint32
         head = (rows, 0, 0, 0, 1, 1, 1, 1, page_size, capacity, max_len, K.REGION_ROW, -1, 1, 0, int(len_unsigned))
         block = (block_r, sub_r, block_w, lblock, fblock, 1, page_size, True, False, False)
