@@ -350,6 +350,52 @@ def test_wrapper_plan_structure_and_page_size(cls, leading, _, monkeypatch):
     assert [(v.check, v.arg, v.value, v.bound) for v in san.reports[1:]] == [("shape-mismatch", "paged_kv_cache", 32, 16)]
 
 
+def test_cuda_graph_wrapper_planned_as_flashinfers_own_test_plans_it(monkeypatch):
+    """``CUDAGraphBatchDecodeWithPagedKVCacheWrapper`` (its plan and run are the decode wrapper's,
+    inherited) in the sequence of FlashInfer's
+    ``test_cuda_graph_batch_decode_with_paged_kv_cache``: a warm-up plan of one page per request,
+    then re-plans of i pages per request into the same user buffers. Valid: no report under
+    raise. A page planted into a re-plan after the run told the page count: raised at plan().
+    (On a GPU that test's warm-up plan takes a CUDA indptr and indices with a CPU last_page_len,
+    which plan() copies: tests/gpu/test_gpu_plans_and_writes.py; a CPU has one device.)"""
+    batch, kv_len, ps = 12, 54, 16
+    per_seq = (kv_len + ps - 1) // ps
+    total = per_seq * batch
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        return real_empty(*args, **kwargs)
+
+    kv = torch.zeros(1, 2, ps, 4, 128, dtype=torch.float16).expand(total, 2, ps, 4, 128)
+    q = torch.zeros(batch, 4, 128, dtype=torch.float16)
+
+    def plan(wrapper, pages_per_seq, last):
+        return reached(wrapper.plan, torch.arange(batch + 1, dtype=torch.int32) * pages_per_seq,
+                       torch.arange(pages_per_seq * batch, dtype=torch.int32),
+                       torch.full((batch,), last, dtype=torch.int32), 4, 4, 128, ps, data_type=torch.float16,
+                       q_data_type=torch.float16)
+
+    with PagedSanitizer(mode="raise") as san:
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", empty)
+            wrapper = flashinfer.decode.CUDAGraphBatchDecodeWithPagedKVCacheWrapper(
+                torch.zeros(1 << 20, dtype=torch.uint8), torch.empty(batch + 1, dtype=torch.int32),
+                torch.empty(total, dtype=torch.int32), torch.empty(batch, dtype=torch.int32), "NHD")
+        assert wrapper.is_cuda_graph_enabled
+        assert plan(wrapper, 1, ps) and reached(wrapper.run, q, kv)
+        for i in range(1, min(4, per_seq)):
+            assert plan(wrapper, i, ps) and reached(wrapper.run, q, kv)
+        assert plan(wrapper, per_seq, (kv_len - 1) % ps + 1) and reached(wrapper.run, q, kv)
+    assert san.reports == []
+
+    indices = torch.arange(total, dtype=torch.int32)
+    indices[5 * per_seq + 2] = total  # request 5, its third page: one past the end of the cache
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation) as info:
+        wrapper.plan(torch.arange(batch + 1, dtype=torch.int32) * per_seq, indices,
+                     torch.full((batch,), (kv_len - 1) % ps + 1, dtype=torch.int32), 4, 4, 128, ps)
+    assert found_of(info) == [("page-out-of-range", "indices", (5, 2), total, total)]
+
+
 # -- append_paged_kv_cache (a write) -------------------------------------------------------
 def append_args(num_pages=40, ps=16, layout="NHD"):
     """The docstring's example: append lengths [45, 8, 25, 22] into pages [3, 1, 2, 2] of 16."""

@@ -501,9 +501,27 @@ def xqa_mla(call):
 # pages of the cache the wrapper last ran on, when known); run() checks the buffers it reads:
 # every call when they are on a GPU (the device kernel: captured runs are checked at every
 # replay), once per plan and cache on a CPU.
+# plan() takes host and device tensors mixed (FlashInfer's own CUDA-graph decode test passes a CUDA
+# indptr and indices with a CPU last_page_len): see _as_planned.
 _wrapper_state = weakref.WeakKeyDictionary()  # wrapper -> {"plan": ..., "pages": ..., "verified": ...}
 _WRAPPER_BUFFERS = ("_paged_kv_indptr_buf", "_paged_kv_indices_buf", "_paged_kv_last_page_len_buf")
 NO_PAGE_BOUND = 2**62  # a page count no entry reaches: the list's structure is checked, not its pages
+
+
+def _as_planned(ids, *others) -> tuple:
+    """``(ids, *others)`` on one device: a plan()'s metadata as FlashInfer's kernels read it.
+
+    plan() takes each metadata tensor on the host or on the wrapper's device, mixed, and copies
+    each to the wrapper's device for run() (decode.py ``_plan_impl``: ``indptr.to(self.device)``,
+    or ``copy_`` into the CUDA-graph buffers; prefill.py ``plan`` the same; the MLA planner,
+    ``_batch_mla/_wrapper.py``: "Metadata tensors may be on CPU or the wrapper device"). It also
+    reads indptr and last_page_len (not the page ids) on the host, for its schedule
+    (``indptr.to("cpu")``). So mixed devices are FlashInfer's contract, not a ``bad-device``
+    fault: the list is checked where its page ids ``ids`` are (the long tensor is never copied),
+    the small tensors copied there as plan() copies them. ``None`` entries stay ``None``."""
+    device = ids.device
+    return (ids,) + tuple(t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) and t.device != device
+                          else t for t in others)
 
 
 def _smallest(pages) -> Buffer:
@@ -523,6 +541,7 @@ def _wrapper_plan(call, names):
             found += checks.check_dtype(tensor, arg, (indptr.dtype,))
     if found or indptr.dtype.is_floating_point:
         return found
+    indices, indptr, last_page_len = _as_planned(indices, indptr, last_page_len)
     state = _wrapper_state.setdefault(wrapper, {})
     state["plan"] = (indptr, indices, last_page_len, page_size, names)
     pages = state.get("pages")
@@ -727,12 +746,14 @@ def batch_mla_wrapper_plan(call):
     _, indptr, indices, kv_len, page_size, table, lengths, metadata = call.read(_MLA_PLAN_READS)
     unknown_pages = (Buffer("kv_cache", NO_PAGE_BOUND),)  # the cache comes at run(): structure only
     # "Metadata tensors may be on CPU or the wrapper device" (SGLang passes CPU indptrs with GPU
-    # indices): described on the indices' (the table's) device, as plan() copies them.
+    # indices): checked on the indices' (the table's) device, as plan() copies them (_as_planned).
     if indptr is not None and indices is not None:
-        return [CsrPages(indptr.to(indices.device, non_blocking=True), indices, unknown_pages, page_size=page_size,
-                         indptr_arg="kv_indptr", indices_arg="kv_indices")]
+        indices, indptr = _as_planned(indices, indptr)
+        return [CsrPages(indptr, indices, unknown_pages, page_size=page_size, indptr_arg="kv_indptr",
+                         indices_arg="kv_indices")]
     if table is not None and lengths is not None and page_size:
-        return _check_table([], table=table, table_arg="block_tables", lengths=lengths.to(table.device),
+        table, lengths = _as_planned(table, lengths)
+        return _check_table([], table=table, table_arg="block_tables", lengths=lengths,
                             lengths_arg="seq_lens", batch=None, pages=[("kv_cache", NO_PAGE_BOUND)],
                             page_size=page_size, device=table.device)
     return []  # metadata=MLAPlanMetadata: checked at run(), against the backend's copies
