@@ -44,6 +44,25 @@ What happens on a finding (config keys ``device_path``, ``device_action``, ``dev
     ``log`` and ``raise`` mode.
   * ``none``: report only.
 
+**A finding survives the write it failed to stop.** An access with no safe guard value is a
+write through the table (``append_paged_kv_cache``, FlashAttention's new K/V): in ``log`` mode
+the kernel runs, and an offending entry sends its write past the cache, anywhere in device
+memory, the device ring included (issue 20: bf16 tokens read back as counts and positions). Two
+ways out were weighed: trap by default for such writes (sync-free, but ``log`` mode would kill
+the CUDA context of the program it promises to leave running), or keep their records where no
+device write reaches. The second is what happens: such an entry's slot is a *host slot*,
+pinned host memory the kernel writes through its device address (Ring). No copy, no sync, a
+fixed address a CUDA graph captures; a clean launch costs one atomic over the bus (its launch
+counter), a launch with a finding a few more. Reads, and writes that are guarded or trapped,
+keep device slots. In ``raise`` and ``abort`` mode such a write traps on the device instead.
+
+**Corrupted records.** A device slot can still be overwritten (by that write, or by a kernel no
+rule checks). Every record is checked before it is decoded (:func:`corrupted`): hit counters
+>= 0, a found check's count and first position within the entries it checks, the bound the
+launch passed, a value out of it, no record of a check its kernel never writes. One that fails
+is reported once per call site as ``device-records-corrupted`` (an error), never decoded; the
+call site's later records are not trusted (not decoded). The sync path's slot is zeroed after one.
+
 The first launch of each form compiles its kernel (about a second): make the first calls
 eagerly, before capturing graphs (serving engines warm up that way anyway).
 """
@@ -341,6 +360,119 @@ def _launch_tensors(access) -> tuple:
 # Records -> Violations (the torch checks' order and wording)
 # ------------------------------------------------------------------------------------------
 
+def _record_limits(plan: Plan) -> dict:
+    """``{check: (size, bound, aux rows)}`` for each check ``plan``'s kernel can write: its record's
+    positions lie in ``[0, size)``, its count in ``[1, size]``, its bound word is ``bound`` when
+    that is fixed by the launch (``None``: data-dependent), its aux row below ``aux rows``. Read
+    off the launch's own scalar arguments, as the kernel reads them (kernels.py)."""
+    limits = plan.info.get("limits")
+    if limits is not None:
+        return limits
+    h, b = plan.head, plan.block
+    limits = {}
+    if plan.kind == "dense":
+        rows, width, views, p0, p1, cap, max_len = h[0], h[1], h[4], h[5], h[6], h[9], h[10]
+        for c, pages in ((K.PAGE0, p0), (K.DEAD0, p0)) + (((K.PAGE1, p1), (K.DEAD1, p1)) if views == 2 else ()):
+            if width:
+                limits[c] = (rows * width, pages, None)
+        if b[7]:  # HAS_LENGTHS
+            limits[K.NEGATIVE] = (rows, 0, None)
+            limits[K.OVER_TABLE] = (rows, cap, None)
+            if max_len >= 0:
+                limits[K.OVER_MAX] = (rows, max_len, None)
+    else:
+        entries, rows, tokens, p0, p1, views, page_size = h[0], h[1], h[2], h[3], h[4], h[6], h[7]
+        check_entries, has_indptr, has_last, has_tokens = b[6:10]
+        pages = ((K.PAGE0, p0),) + (((K.PAGE1, p1),) if views == 2 else ())
+        if check_entries or has_tokens:
+            size = tokens if has_tokens else entries
+            for c, count in pages:
+                limits[c] = (size, count, rows if has_indptr else None)
+        if has_tokens:
+            limits[K.TOKEN_BATCH] = (tokens, rows, None)
+            limits[K.TOKEN_NEG] = limits[K.TOKEN_OVER] = (tokens, None, rows)
+        if has_indptr:
+            limits[K.SHAPE] = (rows, None, None)
+            limits[K.SHAPE_END] = (rows, entries, None)
+        if has_last:
+            limits[K.NEGATIVE] = (rows, 0, None)
+            limits[K.OVER_TABLE] = (rows, page_size, None)
+    plan.info["limits"] = limits
+    return limits
+
+
+_OUT_OF_RANGE = (K.PAGE0, K.PAGE1, K.DEAD0, K.DEAD1, K.TOKEN_BATCH)  # a finding's value is < 0 or >= its bound
+
+
+def corrupted(plan: Plan, words, sticky: bool = True) -> Optional[str]:
+    """Why the record ``words`` cannot have been written by ``plan``'s kernel, or ``None``.
+
+    A kernel that writes out of bounds (an unguarded write these checks reported but could not
+    stop, or one no rule checks) can land on the device records and leave any bits there: bf16
+    data read as counts and positions. Such a record is reported as ``device-records-corrupted``,
+    never decoded. What a real record satisfies: hits >= 0; for a check found, a count in
+    ``[1, size]``, a first position in ``[0, size)``, the bound the launch passed, a value out of
+    that bound, an aux row below the batch; in a slot owned by one call site (``sticky``), no
+    record of a check its kernel never writes, and launch counts >= 0. (The sync path's shared
+    slot keeps other plans' records of checks this one never clears.)"""
+    limits = _record_limits(plan)
+    if sticky and (words[K.CALLS] < 0 or words[K.HIT_CALLS] < 0):
+        return f"launch counts {words[K.CALLS]}, {words[K.HIT_CALLS]}"
+    neg_ok = plan.kind == "flat" and plan.head[8]
+    for c in range(K.NCHECKS):
+        base = K.RECORD + K.REC * c
+        hits, count, enc, bound, aux = words[base:base + K.REC]
+        what = f"record of check {c} ({K.CHECK_IDS[c]})"
+        limit = limits.get(c)
+        if limit is None:
+            if sticky and any(words[base:base + K.REC]):
+                return f"a {what}, which this check's kernel never writes"
+            continue
+        if hits < 0:
+            return f"{what}: {hits} hits"
+        if hits == 0:
+            continue
+        size, want, aux_rows = limit
+        if not 1 <= count <= size:
+            return f"{what}: {count} offending entries of {size}"
+        if not 0 < enc <= K.BIG:
+            return f"{what}: first entry encoded as {enc}"
+        position, value = K.unpack(enc)
+        if not 0 <= position < size:
+            return f"{what}: first offending entry at position {position} of {size}"
+        if want is not None and bound != want:
+            return f"{what}: bound {bound}, the launch passed {want}"
+        low = min(want, K.INT32_MAX) if want is not None else None  # values are kept saturated to int32
+        if c in _OUT_OF_RANGE and (0 <= value < low or (value < 0 and neg_ok)):
+            return f"{what}: value {value} is within its bound {want}"
+        if c in (K.NEGATIVE, K.TOKEN_NEG) and value >= 0:
+            return f"{what}: value {value} is not negative"
+        if aux_rows is not None and not 0 <= aux >> 32 < aux_rows and c in (K.PAGE0, K.PAGE1):
+            return f"{what}: row {aux >> 32} of {aux_rows}"
+        if aux_rows is not None and c in (K.TOKEN_NEG, K.TOKEN_OVER) and not 0 <= aux < aux_rows:
+            return f"{what}: row {aux} of {aux_rows}"
+    return None
+
+
+def corrupted_finding(plan: Plan, why: str) -> Violation:
+    """The report of a record :func:`corrupted` refused."""
+    info = plan.info
+    arg = info.get("arg") or info.get("indices_arg") or "?"
+    return Violation("device-records-corrupted", arg,
+                     f"the device record of the check of {arg} holds what no check kernel writes ({why}): device "
+                     "memory was overwritten, most likely by a kernel that wrote out of bounds (a write these checks "
+                     "reported and could not stop, or one no rule checks); the record is not decoded, and this call "
+                     "site's later records are not trusted", value=why)
+
+
+def decode(plan: Plan, words, previous_hits=None, sticky: bool = True) -> list:
+    """The findings of a record, or its ``device-records-corrupted`` report (:func:`corrupted`)."""
+    why = corrupted(plan, words, sticky)
+    if why is not None:
+        return [corrupted_finding(plan, why)]
+    return plan.decode(plan, words, previous_hits)
+
+
 def _new_hits(words, c: int, previous_hits) -> Optional[tuple]:
     """``(count, position, value, bound, aux)`` of check ``c`` if its record has news."""
     base = K.RECORD + K.REC * c
@@ -504,6 +636,8 @@ class Entry:
     code: object = None  # the call site's code object: keeps the id in the entry's key its own
     last: int = 0  # the ring's launch count at this entry's latest launch (Ring: recycling)
     stream: int = 0  # the raw CUDA stream of that launch
+    host: bool = False  # its slot is a host slot (Ring): records no device write reaches
+    corrupt: bool = False  # its record was found corrupted (reported once; not decoded again)
 
 
 class Ring:
@@ -515,9 +649,15 @@ class Ring:
     since, and the last one on the snapshot's stream, which orders the copy after it) are
     recycled, and a leaving sanitizer's eager entries free theirs after its flush. A captured
     entry keeps its slot for good: its graph writes it at every replay. A recycled slot is zeroed
-    on the current stream: a new owner launching on another stream is not ordered after it."""
+    on the current stream: a new owner launching on another stream is not ordered after it.
 
-    def __init__(self, device: torch.device, slots: int = 4096):
+    ``host_slots`` more slots live in pinned host memory, mapped into the device's address space
+    (under unified addressing a kernel writes host memory through the same address): they hold
+    the records of entries whose finding nothing stops (check()), out of reach of the write they
+    failed to stop. The host reads them in place, hit counters before fields: a kernel writes a
+    record's fields before its hit counter, and a sticky record's fields never change after."""
+
+    def __init__(self, device: torch.device, slots: int = 4096, host_slots: int = 256):
         self.device = device
         self.slots = slots
         self.words = torch.zeros(slots, K.SLOT_WORDS, dtype=torch.int64, device=device)
@@ -537,9 +677,31 @@ class Ring:
         self.poll_s = 0.1  # the last checked call's sanitizer's device_poll_s
         self.launchers: dict = {}  # kernel, dtypes, constexprs, pointer alignment -> compiled kernel
         self.base = self.words.data_ptr()
+        # Host slots: pinned host memory the kernels write through its device address (unified
+        # addressing), for the records of findings nothing stops (see check()).
+        self.host_slots = torch.zeros(host_slots, K.SLOT_WORDS, dtype=torch.int64).pin_memory()
+        self.host_base = _device_address(self.host_slots)
+        self.host_next = 0
+        self.host_free: list = []
         self.index = device.index
         self.stream_of = torch._C._cuda_getCurrentRawStream
         self.pdl = _pdl(device)
+
+
+def _device_address(host: torch.Tensor) -> int:
+    """The device address of pinned host memory: asked of the driver (``cuPointerGetAttribute``,
+    as Triton's launcher does for every pointer argument); under unified addressing, every
+    64-bit CUDA platform, it is the host address itself, which serves when the driver cannot be
+    asked here."""
+    address = host.data_ptr()
+    try:
+        import ctypes
+
+        out = ctypes.c_uint64()
+        status = ctypes.CDLL("libcuda.so.1").cuPointerGetAttribute(ctypes.byref(out), 3, ctypes.c_uint64(address))
+        return out.value if status == 0 and out.value else address  # 3: CU_POINTER_ATTRIBUTE_DEVICE_POINTER
+    except Exception:
+        return address
 
 
 _lock = threading.RLock()
@@ -581,8 +743,10 @@ def prepare(device: torch.device) -> None:
     ring_for(device)
 
 
-def launch(ring: Ring, plan: Plan, tensors: tuple, slot: int, sticky: int, action: int, errs: int) -> None:
-    """Launch through a pre-bound compiled handle (no Triton Python launcher on the hot path)."""
+def launch(ring: Ring, plan: Plan, tensors: tuple, slot: int, sticky: int, action: int, errs: int,
+           host: bool = False) -> None:
+    """Launch through a pre-bound compiled handle (no Triton Python launcher on the hot path);
+    ``host``: ``slot`` is a host slot (Ring)."""
     ptrs = [t.data_ptr() for t in tensors]
     aligned = tuple(p % 16 == 0 for p in ptrs)
     align = plan.align if aligned[0] else 1
@@ -594,9 +758,11 @@ def launch(ring: Ring, plan: Plan, tensors: tuple, slot: int, sticky: int, actio
     compiled = ring.launchers.get(key)
     if compiled is not None:
         compiled.run(plan.grid, 1, 1, ring.stream_of(ring.index), compiled.function, compiled.packed_metadata,
-                     None, None, None, *ptrs, ring.base + slot * K.SLOT_WORDS * 8, *tail)
+                     None, None, None, *ptrs, (ring.host_base if host else ring.base) + slot * K.SLOT_WORDS * 8,
+                     *tail)
         return
-    compiled = K.kernel(plan.kind, False)[(plan.grid,)](*tensors, ring.words[slot], *tail, num_warps=plan.num_warps)
+    record = ring.host_slots[slot] if host else ring.words[slot]  # Triton's launcher maps a host pointer itself
+    compiled = K.kernel(plan.kind, False)[(plan.grid,)](*tensors, record, *tail, num_warps=plan.num_warps)
     if getattr(compiled, "packed_metadata", None) is not None and hasattr(compiled, "function"):
         ring.launchers[key] = compiled
 
@@ -608,7 +774,7 @@ def run_interpreted(plan: Plan, tensors: tuple, *, action: str = "none", errs: i
     slot = torch.zeros(K.SLOT_WORDS, dtype=torch.int64) if slot is None else slot
     tail = plan.tail(sticky, K.ACTION_CODES[action], errs, 1, False, False)
     K.kernel(plan.kind, True)[(plan.grid,)](*tensors, slot, *tail)
-    return plan.decode(plan, slot.tolist())
+    return decode(plan, slot.tolist(), sticky=bool(sticky))
 
 
 def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, capturing: bool) -> list:
@@ -630,7 +796,10 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
         slot = ring.sync_slot
         launch(ring, plan, tensors, slot, 0, 0, errs)
         words = ring.words[slot].tolist()  # the one sync of the sync path
-        return plan.decode(plan, words)
+        found = decode(plan, words, sticky=False)
+        if found and found[0].check == "device-records-corrupted":
+            ring.words[slot].zero_()  # the next launch starts from a clean slot (same stream)
+        return found
     action_name = settings.device_action
     if action_name == "auto":
         action_name = "trap" if mode == "abort" else "guard"
@@ -639,6 +808,10 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
         # the device, the nearest to "the kernel is not called"; in log mode report only.
         action_name = "none" if mode == "log" else "trap"
     action = K.ACTION_CODES[action_name]
+    # A write through the table with no guard value, let through (log mode): an offending entry sends
+    # the kernel's write past its buffer, anywhere in device memory, the device records included.
+    # Its record goes to a host slot, out of that write's reach (Ring), so its finding survives it.
+    host = action_name == "none" and plan.guard is None
     frame = caller_frame(library_dirs)
     # The sink's serial, not id(): a later sanitizer at a freed one's address must not inherit its
     # record slot (whose weak reference is dead, so its findings would go nowhere). The code object
@@ -651,12 +824,12 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
     with _lock:  # an entry found here is not recycled by another thread before its launch
         entry = ring.entries.get(key)
         if entry is None:
-            entry = _new_entry(ring, key, plan, op, describe(frame), sink, capturing, code)
+            entry = _new_entry(ring, key, plan, op, describe(frame), sink, capturing, code, host)
         ring.launches += 1
         entry.last = ring.launches
         entry.stream = ring.stream_of(ring.index)
     del frame
-    launch(ring, plan, tensors, entry.slot, 1, action, errs)
+    launch(ring, plan, tensors, entry.slot, 1, action, errs, entry.host)
     ring.poll_s = settings.poll_s
     if capturing:
         _patch_replay()
@@ -665,28 +838,51 @@ def check(plan: Plan, tensors: tuple, settings, op: str, library_dirs: tuple, ca
     return []
 
 
-def _new_entry(ring: Ring, key, plan, op, site, sink, captured, code=None) -> Entry:
+def _new_entry(ring: Ring, key, plan, op, site, sink, captured, code=None, host: bool = False) -> Entry:
     with _lock:
         entry = ring.entries.get(key)
         if entry is not None:
             return entry
-        if ring.next_slot >= ring.slots and not ring.free_slots and not captured:
-            _recycle(ring)
-        if ring.free_slots:
-            slot = ring.free_slots.pop()
-        elif ring.next_slot >= ring.slots:
-            slot = ring.slots - 1
-            _warn_once("ring-full", f"tsan_paged: all {ring.slots} device record slots are taken by call sites "
-                       "checked since the last report; later ones share the last slot (their reports may name "
-                       "another call site)")
-        else:
-            slot = ring.next_slot
-            ring.next_slot += 1
+        slot = _host_slot(ring, captured) if host else None
+        host = slot is not None
+        if not host:
+            slot = _device_slot(ring, captured)
         caller, stack = site
         entry = Entry(slot=slot, plan=plan, op=op, caller=caller, stack=stack,
-                      sink=weakref.ref(sink) if sink is not None else (lambda: None), captured=captured, code=code)
+                      sink=weakref.ref(sink) if sink is not None else (lambda: None), captured=captured, code=code,
+                      host=host)
         ring.entries[key] = entry
         return entry
+
+
+def _device_slot(ring: Ring, captured: bool) -> int:
+    if ring.next_slot >= ring.slots and not ring.free_slots and not captured:
+        _recycle(ring)
+    if ring.free_slots:
+        return ring.free_slots.pop()
+    if ring.next_slot >= ring.slots:
+        _warn_once("ring-full", f"tsan_paged: all {ring.slots} device record slots are taken by call sites "
+                   "checked since the last report; later ones share the last slot (their reports may name "
+                   "another call site)")
+        return ring.slots - 1
+    ring.next_slot += 1
+    return ring.next_slot - 1
+
+
+def _host_slot(ring: Ring, captured: bool) -> Optional[int]:
+    """A free host slot (Ring), or ``None`` when all are taken (the entry's records then go to the
+    device, where the write it lets through can reach them: warned once)."""
+    total = ring.host_slots.shape[0]
+    if ring.host_next >= total and not ring.host_free and not captured:
+        _recycle(ring)
+    if ring.host_free:
+        return ring.host_free.pop()
+    if ring.host_next < total:
+        ring.host_next += 1
+        return ring.host_next - 1
+    _warn_once("host-slots-full", f"tsan_paged: all {total} host record slots are taken: later unguarded writes "
+               "(log mode) keep their records on the device, where a write they let through can overwrite them")
+    return None
 
 
 def _recycle(ring: Ring) -> None:
@@ -718,7 +914,10 @@ def _free(ring: Ring, done) -> None:
     for key, entry in list(ring.entries.items()):
         if not entry.captured and done(entry):
             del ring.entries[key]
-            if entry.slot != ring.slots - 1:  # the shared overflow slot is never handed out
+            if entry.host:  # its launches are done (reported, or flushed): zeroed now, on the host
+                ring.host_slots[entry.slot].zero_()
+                ring.host_free.append(entry.slot)
+            elif entry.slot != ring.slots - 1:  # the shared overflow slot is never handed out
                 ring.words[entry.slot].zero_()
                 ring.free_slots.append(entry.slot)
 
@@ -787,16 +986,13 @@ def _report(ring: Ring, words: torch.Tensor, only=None) -> None:
     n = words.shape[0]
     by_sink: dict = {}
     for entry in list(ring.entries.values()):
-        if entry.slot >= n:
+        if entry.slot >= n and not entry.host:
             continue
         sink = entry.sink()
         if only is not None and sink is not only:
             continue
-        rec = words[entry.slot].tolist()
-        entry.calls = rec[K.CALLS]
-        found = entry.plan.decode(entry.plan, rec, entry.hits)
-        for c in range(K.NCHECKS):
-            entry.hits[c] = max(entry.hits[c], rec[K.RECORD + K.REC * c])
+        shared = not entry.host and entry.slot == ring.slots - 1  # the overflow slot: several call sites'
+        found = entry_findings(entry, (ring.host_slots if entry.host else words)[entry.slot].tolist(), shared)
         if not found:
             continue
         where = "capture" if entry.captured else "call"
@@ -812,6 +1008,24 @@ def _report(ring: Ring, words: torch.Tensor, only=None) -> None:
 
             for v in found:
                 reporter.report(v)
+
+
+def entry_findings(entry: Entry, rec: list, shared: bool = False) -> list:
+    """What is new in an entry's record ``rec`` (its words): findings, or its
+    ``device-records-corrupted`` report, once (the entry's records are not decoded after that).
+    ``shared``: the ring's overflow slot, whose records come from several call sites and plans
+    (the ring-full warning said so): not checked against this entry's plan."""
+    if entry.corrupt:
+        return []
+    why = None if shared else corrupted(entry.plan, rec)
+    if why is not None:
+        entry.corrupt = True
+        return [corrupted_finding(entry.plan, why)]
+    entry.calls = rec[K.CALLS]
+    found = entry.plan.decode(entry.plan, rec, entry.hits)
+    for c in range(K.NCHECKS):
+        entry.hits[c] = max(entry.hits[c], rec[K.RECORD + K.REC * c])
+    return found
 
 
 def _atexit_flush() -> None:

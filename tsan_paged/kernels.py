@@ -17,6 +17,15 @@ how many entries offend, the first offending (position, value) packed in one int
 and one auxiliary word the host needs for the report (the first CSR entry's row and column,
 a token's row). Values wider than 32 bits are saturated to the int32 range in the record.
 The same source runs on CPU tensors under Triton's interpreter (the tests).
+
+Bounds (page counts, lengths, max_len, window) are runtime scalar arguments, which Triton types
+by value: int32, uint32 in ``[2**31, 2**32)``, int64 beyond. An int32 entry compared with an
+int64 bound is widened to int64; with a uint32 bound both are compared as uint32, so a negative
+entry reads as ``>= bound``, which only ever adds it to "out of range" (where it is anyway).
+Where the sign matters (negative slots skipped, lengths, written positions) values are widened
+to int64 before any comparison. Python ints in the source (literals, constexprs) out of an
+operand's range fail to compile, never wrap. (The torch path's comparisons:
+``checks.at_least``.)
 """
 
 from __future__ import annotations

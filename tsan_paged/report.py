@@ -37,6 +37,7 @@ CHECKS = {
     "rule-error": "warning",
     "rule-skipped-in-capture": "warning",
     "unsupported-form": "warning",
+    "device-records-corrupted": "error",
 }
 """Every check id this sanitizer can report, with its default severity."""
 

@@ -6,9 +6,19 @@
   sanitizer reported ``bad-device`` there; now 0 findings through the warm-up, the capture and
   the re-plans with host tensors, and a page planted into the buffer run() reads is caught at
   run(), eagerly and at the replay.
+- ``append_paged_kv_cache`` captured under ``log`` with the seed's fault planted after capture
+  (a page id equal to the page count): the write lands past the cache, where this test puts the
+  sanitizer's device ring, and overwrites what is there. The append's own finding lives in host
+  memory out of the write's reach and is reported exactly; the device records the write
+  garbled are reported as ``device-records-corrupted``, never decoded as findings. In a child
+  process (append_child.py): the wild write is real.
 
 Skips without a CUDA sm90 GPU; run on the lent H200 (benchmarks/gpu_run.sh, TESTS=plans_and_writes).
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +32,7 @@ if not REASON:
     from tsan_paged import PagedSanitizer, PageTableViolation
 
 KV_HEADS, QO_HEADS, HEAD_DIM = 4, 4, 128  # FlashInfer's test: num_kv_heads 4, num_qo_heads 4, head_dim 128
+CHILD = os.path.join(os.path.dirname(__file__), "append_child.py")
 
 
 def found(violations):
@@ -92,3 +103,11 @@ def test_cuda_graph_decode_wrapper_planned_with_host_metadata_as_flashinfer_test
         assert expected in found(replayed.value.violations)
         assert int(indices_buf[position]) == 0  # the guard value, written before the captured kernel read it
 
+
+def test_log_mode_append_past_the_cache_in_a_graph_keeps_its_finding():
+    """append_child.py: the seed's fault planted after capture, log mode; the append's finding
+    reported exactly (request 0, its page 2, value and bound the page count, 3 tokens), the
+    device record the write overwrote reported as device-records-corrupted."""
+    proc = subprocess.run([sys.executable, CHILD], capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "APPEND-CHILD-OK" in proc.stdout, text[-6000:]
