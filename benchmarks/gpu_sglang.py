@@ -11,7 +11,7 @@ configuration: the run under ``PagedSanitizer(mode="log")`` (what ``TSAN_PAGED=l
 with ``track_pages`` (reports), the time per step unsanitized against sanitized (:func:`clean_run`),
 then two faults planted in a decode or verify batch, in graph mode before a replayed step
 (:func:`planted_run`). ``TSAN_PAGED_SGLANG_DEVICE=cpu`` dry-runs the script on a CPU. sgl-kernel
-does not run there: ``tests/gpu/sgl_kernel_stub.py`` answers its imports with functions that raise.
+does not run there: ``tests/sglang_server/sgl_kernel_stub.py`` answers its imports with functions that raise.
 """
 
 import os
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TSAN_PAGED_SGLANG_DEVICE", "cuda")  # "cpu": a dry run of this script
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "gpu")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "sglang_server")]
 
 import sgl_kernel_stub  # noqa: E402
 

@@ -61,12 +61,10 @@ def _run(args, parser) -> int:
     if args.config:
         env["TSAN_PAGED_CONFIG"] = os.path.abspath(args.config)
     try:
-        status = subprocess.call(cmd, env=env)
+        status = _wait_for(subprocess.Popen(cmd, env=env))
     except OSError as exc:
         print(f"tsan-paged run: cannot run {cmd[0]}: {exc}", file=sys.stderr)
         return 127
-    except KeyboardInterrupt:
-        status = 130
     if status < 0:  # killed by a signal: the shell's convention
         status = 128 - status
     try:
@@ -77,6 +75,24 @@ def _run(args, parser) -> int:
               f"torch in a Python environment where tsan_paged is installed (reports: {report_dir})", file=sys.stderr)
     print(f"tsan-paged run: {' '.join(cmd)} exited with status {status}", file=sys.stderr)
     return status
+
+
+def _wait_for(child) -> int:
+    """The child's status, once it has ended. A Ctrl-C in the terminal reaches the child too (it is
+    in our process group), so it is left to the child (a server shuts down cleanly, its workers
+    write their reports); a SIGTERM sent to this process alone is passed on to the child."""
+    import signal
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, forward)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _show(paths) -> int:

@@ -153,7 +153,7 @@ class Interposer:
                 binder = SignatureBinder(original)
             except (TypeError, ValueError):
                 binder = None  # no introspectable signature: rules see positional args only
-            resolved = self._resolved[target] = (original, binder, _library_dirs(module_name))
+            resolved = self._resolved[target] = (original, binder, _library_dirs(module_name, private=name.startswith("_")))
         patched = Patched(target, original, binder=resolved[1], library_dirs=resolved[2])
         patched.wrapper = self._make_wrapper(patched)
         self.patched[target] = patched
@@ -382,21 +382,24 @@ FRAMEWORKS = frozenset({"sglang", "vllm"})
 targets the library is the target's own package, so the backend's line is the caller."""
 
 
-def _library_dirs(module_name: str) -> tuple:
+def _library_dirs(module_name: str, private: bool = False) -> tuple:
     """Where frames are 'inside the kernel's library', not 'the caller'.
 
     The defining module's file, and for an installed package (under site-packages) the whole
     top-level package, so a library calling its own entry point is attributed to its user
-    (for a serving stack, ``FRAMEWORKS``, the target's own package only); and torch, whose
-    wrappers (``torch.compiler.disable``) may stand between a caller and the entry point.
+    (for a serving stack, ``FRAMEWORKS``, the target's own package only, and none of it for a
+    ``private`` target, a ``_helper`` its own module's code calls: SGLang's
+    ``TorchNativeAttnBackend._run_sdpa_forward_decode``, whose caller is the backend's
+    ``forward_decode``); and torch, whose wrappers (``torch.compiler.disable``) may stand between
+    a caller and the entry point.
     """
     dirs = []
     module = sys.modules.get(module_name)
-    if getattr(module, "__file__", None):
-        dirs.append(module.__file__)
     top_name = module_name.split(".")[0]
+    if getattr(module, "__file__", None) and not (private and top_name in FRAMEWORKS):
+        dirs.append(module.__file__)
     if top_name in FRAMEWORKS:
-        if getattr(module, "__file__", None):
+        if getattr(module, "__file__", None) and not private:
             dirs.append(os.path.dirname(module.__file__) + os.sep)
     else:
         for path in list(getattr(sys.modules.get(top_name), "__path__", None) or []):

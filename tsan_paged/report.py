@@ -209,7 +209,8 @@ class Reporter:
                     continue
                 self._flushed_total = total
                 self._report_file()
-                self._append({"type": "checked", **self._origin(), "checked": _checked_rows(self.checked)})
+                self._append({"type": "checked", **self._origin(), "title": _process_title(),
+                              "checked": _checked_rows(self.checked)})
 
     def report(self, violation: Violation, dedup: bool = True) -> None:
         key = (violation.op, violation.check, violation.caller)
@@ -265,7 +266,7 @@ class Reporter:
                 self._report_file()
                 self._append({"type": "summary", **self._origin(),
                               "counts": [[*key, self.first[key].severity, n] for key, n in self.counts.items()],
-                              "checked": _checked_rows(self.checked)})
+                              "title": _process_title(), "checked": _checked_rows(self.checked)})
         text = self.summary()
         if text:
             try:  # at exit, loguru's sinks (or pytest's capture) may be closed: use the real stderr
@@ -327,8 +328,8 @@ def format_summary(items, title: str = "tsan_paged summary", checked: Optional[C
     items = sorted(items, key=lambda item: (item[0].severity != "error", -item[1]))
     errors = sum(n for v, n in items if v.severity == "error")
     warnings = sum(n for v, n in items if v.severity != "error")
-    lines = [f"{title}: {errors} error(s), {warnings} warning(s) in {len(items)} distinct finding(s); "
-             f"{sum((checked or {}).values()):,} call(s) checked"]
+    lines = [f"{title}: {errors} error(s), {warnings} warning(s) in {len(items)} distinct finding(s)"
+             + ("" if checked is None else f"; {sum(checked.values()):,} call(s) checked")]
     for v, n in items[:20]:
         lines.append(f"  {n:>7} x {v.severity:<7} {v.check:<24} {v.op}  at {v.caller or '?'}")
     if len(items) > 20:
@@ -364,6 +365,16 @@ def _rank():
     return os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
 
 
+def _process_title() -> str:
+    """The process's command line as ``ps`` shows it now: a server's worker may have retitled itself
+    (``setproctitle``: SGLang's ``sglang::scheduler``); its Python ``argv`` is the spawner's."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return ""
+
+
 def _command_line() -> list:
     """This process's command line, as far as it can be told (a spawned worker's is Python's own)."""
     argv = list(getattr(sys, "orig_argv", None) or sys.argv)
@@ -392,6 +403,8 @@ def merge_report_dir(directory) -> tuple:
                 continue  # a line cut short by a killed process
             origin = {"pid": record.get("pid"), "rank": record.get("rank")}
             kind = record.get("type")
+            if record.get("title"):  # the process's title as it set it since (SGLang's "sglang::scheduler")
+                argv = [record["title"]]
             if kind == "start":
                 argv = record.get("argv")
             elif kind == "violation":
@@ -413,10 +426,9 @@ def merge_report_dir(directory) -> tuple:
         checked_all.update(checked)
         errors = sum(n for key, n in counts.items() if key in firsts and firsts[key].severity == "error")
         command = " ".join(a.replace("\n", "\\n") for a in argv)[:120] if argv else "?"
-        processes.append(f"  pid {origin.get('pid')}, rank {origin.get('rank') or '-'}: {sum(checked.values()):,} "
-                         f"call(s) checked, {sum(counts.values())} finding(s), {errors} error(s)"
-                         f"{'' if ended else ' (ended without its exit summary: counts as last written)'}: "
-                         f"{command}  [{path.name}]")
+        processes.append(f"  pid {origin.get('pid')}, rank {origin.get('rank') or '-'}, {sum(counts.values())} "
+                         f"finding(s), {errors} error(s), {sum(checked.values()):,} call(s) checked"
+                         f"{'' if ended else ' (no exit summary: counts as last written)'}: {command}  [{path.name}]")
     items = [(v, n) for v, n, _ in merged.values() if v is not None]
     errors = sum(n for v, n in items if v.severity == "error")
     headline = (f"{len(files)} process(es) sanitized; {sum(checked_all.values()):,} call(s) checked; "

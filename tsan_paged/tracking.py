@@ -379,11 +379,13 @@ class PageTracker:
         matches = [s for a, s in list(self.pools.items()) if s.pages == pages]
         return matches[0] if len(matches) == 1 else None
 
-    def read_accesses(self, call, access, tensors, window_left=None, q_len=None, region=None) -> list:
+    def read_accesses(self, call, access, tensors, window_left=None, q_len=None, region=None,
+                      slots: bool = False) -> list:
         """The derived tables (or slot lists) of a read (module docstring): device ops, no host
         sync. ``window_left`` / ``q_len``: the kernel's exact window and query rows, where the
         call's own ``window_left`` / ``max_q_len`` / ``q_len_per_req`` do not say them;
-        ``region``: per-row ``(first, end)`` columns instead (ragged queries)."""
+        ``region``: per-row ``(first, end)`` columns instead (ragged queries); ``slots``: a dense
+        table's entries are token slots (SGLang's ``req_to_token``), not pages."""
         if call.get("enable_block_sparse_attention") or not call.wants("page-not-allocated"):
             return []
         if window_left is None:
@@ -400,13 +402,19 @@ class PageTracker:
                 state = self.pool_of(kv)
                 if state is None or state.state.device != view.device:
                     continue
-                derived = not_allocated(view, lengths, state.state[:state.pages], q_len)
+                if slots:
+                    derived = not_allocated_slots(view, lengths, state.state[:state.pages], state.page_size, q_len)
+                else:
+                    derived = not_allocated(view, lengths, state.state[:state.pages], q_len)
                 self._note_read(view)
+            if region is None and access.explicit_region:
+                region = (access.first, access.end)
             bounds = dict(first=region[0], end=region[1], explicit_region=True) if region is not None else {}
             out.append(PageTable(derived, access.arg, (Buffer(state.key, 1),), access.page_size, lengths=lengths,
                                  lengths_arg=access.lengths_arg, length_offset=access.length_offset,
                                  window_left=-1 if window_left is None else int(window_left), q_len=int(q_len),
-                                 tile=1, index_of=index_of, guard=0, only=_PAGE_FINDINGS, relabel=_not_allocated,
+                                 tile=1, index_of=index_of, guard=0, only=_PAGE_FINDINGS,
+                                 relabel=_slot_not_allocated if slots else _not_allocated,
                                  reported_as="page-not-allocated", **bounds))
         return out
 
@@ -631,6 +639,16 @@ def not_allocated(table, lengths, state, q_len: int, interpret: bool = False):
     return torch.where(bad, entries + 1, 0).to(torch.int32)
 
 
+def not_allocated_slots(table, lengths, state, per_page: int, q_len: int):
+    """:func:`not_allocated` for a table of token slots (page ``slot // per_page``): ``slot + 1``
+    where the slot's page is not allocated, else 0; torch ops (no host sync)."""
+    entries = table.to(torch.int64)
+    pages = torch.div(entries, per_page, rounding_mode="floor")
+    got = state[pages.clamp(0, state.shape[0] - 1)]
+    bad = (got != ALLOCATED) & (entries >= 0) & (pages < state.shape[0]) & ~_padding(pages, lengths, q_len)
+    return torch.where(bad, entries + 1, 0).to(torch.int32)
+
+
 def _padding(entries, lengths, q_len: int):
     """Entries of CUDA-graph padding rows, which read SGLang's padding page by design.
 
@@ -738,13 +756,14 @@ def enabled(call) -> bool:
     return page_tracker is not None and page_tracker.active
 
 
-def check_read_pages(call, access, tensors, window_left=None, q_len=None, region=None) -> list:
+def check_read_pages(call, access, tensors, window_left=None, q_len=None, region=None, slots=False) -> list:
     """The ``page-not-allocated`` check of a read's :class:`~tsan_paged.access.PageTable` or
     :class:`~tsan_paged.access.CsrPages` (``[]`` unless tracking): derived tables the engine
     checks (no host sync, in CUDA graphs too); ``tensors`` the KV buffer each view of the table
     indexes (``(k, v)``, in order; a CSR list: any of its buffers). ``window_left`` / ``q_len``:
     the kernel's exact window and query rows where the call's arguments do not name them;
-    ``region``: per-row ``(first, end)`` columns read, where rows differ in query rows."""
+    ``region``: per-row ``(first, end)`` columns read, where rows differ in query rows (default:
+    the access's own explicit region); ``slots``: a dense table of token slots, not pages."""
     if not enabled(call):
         return []
-    return call.options.page_tracker.read_accesses(call, access, tensors, window_left, q_len, region)
+    return call.options.page_tracker.read_accesses(call, access, tensors, window_left, q_len, region, slots)

@@ -1,11 +1,15 @@
-"""A stand-in for sgl-kernel on the lent GPU machine, for importing SGLang there.
+"""A stand-in for sgl-kernel where it cannot be installed, for running SGLang's own code there.
 
-sgl-kernel 0.4.10 (373 MB, built for torch 2.14) cannot be carried to the GPU machine (torch
-2.11, 64 MiB per run, no network), and SGLang's modules import it at their top on CUDA. This
-finder answers ``import sgl_kernel`` / ``sgl_kernel.*`` with modules whose every attribute is a
-function that RAISES when called: SGLang imports, and any path that would run an sgl-kernel
-kernel fails loudly instead of passing. The paths the GPU tests drive (SGLang's pools,
-allocators, table building, its Triton attention kernels and FlashInfer's) do not call it.
+sgl-kernel 0.4.10 is a CUDA build (373 MB, for torch 2.14): on a CPU machine it fails to import
+without ``libcuda.so.1``, and it cannot be carried to the lent GPU machine (torch 2.11, 64 MiB per
+run, no network). SGLang's modules import it at their top (on a CPU with ``SGLANG_USE_CPU_ENGINE=1``:
+``sglang/kernels/ops/kvcache/cache_move.py`` and the speculative-decoding helpers import its CPU
+ops). This finder answers ``import sgl_kernel`` / ``sgl_kernel.*`` with modules whose every
+attribute is a function that RAISES when called: SGLang imports, and any path that would run an
+sgl-kernel kernel fails loudly instead of passing. The paths driven here do not call it: SGLang's
+real server on a CPU (``torch_native`` and ``triton`` backends; on a CPU without AMX SGLang falls
+back to torch for its CPU ops), and on the GPU SGLang's pools, allocators, table building, its
+Triton attention kernels and FlashInfer's.
 """
 
 import importlib.abc
@@ -19,7 +23,7 @@ class Missing:
         self.name = name
 
     def __call__(self, *args, **kwargs):
-        raise NotImplementedError(f"{self.name}: sgl-kernel is not on this machine (tests/gpu/sgl_kernel_stub.py)")
+        raise NotImplementedError(f"{self.name}: sgl-kernel is not on this machine (tests/sglang_server/sgl_kernel_stub.py)")
 
     def __getattr__(self, name):  # sgl_kernel.scalar_type.scalar_types.uint4b8 and the like
         if name.startswith("__"):

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks, tracking
-from ..access import Buffer, CsrPages, Slots
+from ..access import Buffer, CsrPages, PageTable, Slots
 from ..registry import rule
 from ..report import Violation
 from .flash_attn import paged_kv_access
@@ -190,6 +190,43 @@ def extend_attention_fwd_unified(call):
     q, k_buffer, v_buffer, qo_indptr, indptr, indices = call.read(_UNIFIED_READS)
     return _slot_list(call, device=q.device, k_buffer=k_buffer, v_buffer=v_buffer, indptr=indptr, indices=indices,
                       rows=int(qo_indptr.shape[0]) - 1)
+
+
+# -- torch_native: SGLang's own torch attention -------------------------------------------------
+BACKENDS = "sglang.srt.layers.attention"
+_NATIVE_READS = ("k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens", "encoder_lens",
+                 "is_cross_attn")
+
+
+def _torch_native(call):
+    """``TorchNativeAttnBackend._run_sdpa_forward_decode`` / ``_extend``: request ``b`` reads the
+    token slots ``req_to_token[req_pool_indices[b], start:end]`` of ``k_cache`` / ``v_cache``
+    (``[slots, heads, dim]``), ``start, end = 0, seq_lens[b]`` (with ``encoder_lens``: the encoder's
+    ``0, encoder_lens[b]`` for cross-attention, else ``encoder_lens[b]`` onwards), every one of
+    them (a sliding window masks after the gather). Findings are at ``(b, position)`` of the rows
+    the batch reads, ``req_to_token[req_pool_indices]``."""
+    k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, encoder_lens, cross = call.read(_NATIVE_READS)
+    rows = int(req_to_token.shape[0])
+    found = [PageTable(req_pool_indices.reshape(-1, 1), "req_pool_indices", (Buffer("req_to_token (rows)", rows),),
+                       whole_row=True)]
+    table = req_to_token[req_pool_indices.clamp(0, rows - 1)]  # a bad request index is the finding above
+    if encoder_lens is None:
+        first, end = None, seq_lens
+    elif cross:
+        first, end = None, encoder_lens
+    else:
+        first, end = encoder_lens, encoder_lens + seq_lens
+    slots = min(int(k_cache.shape[0]), int(v_cache.shape[0]))
+    name = "k_cache" if int(k_cache.shape[0]) == slots else "v_cache"
+    access = PageTable(table, "req_to_token[req_pool_indices]", (Buffer(f"{name} (token slots)", slots),),
+                       lengths=end, lengths_arg="seq_lens" if encoder_lens is None else "encoder_lens + seq_lens",
+                       first=first, end=end, explicit_region=True)
+    return found + [access] + tracking.check_read_pages(call, access, (k_cache, v_cache), q_len=1, slots=True)
+
+
+for _method in ("_run_sdpa_forward_decode", "_run_sdpa_forward_extend"):
+    rule(f"{BACKENDS}.torch_native_backend:TorchNativeAttnBackend.{_method}",
+         name=f"sglang.TorchNativeAttnBackend.{_method}", reads=_NATIVE_READS)(_torch_native)
 
 
 # -- FlashMLA (sgl-flash-mla) -----------------------------------------------------------------
