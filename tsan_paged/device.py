@@ -52,8 +52,9 @@ ways out were weighed: trap by default for such writes (sync-free, but ``log`` m
 the CUDA context of the program it promises to leave running), or keep their records where no
 device write reaches. The second is what happens: such an entry's slot is a *host slot*,
 pinned host memory the kernel writes through its device address (Ring). No copy, no sync, a
-fixed address a CUDA graph captures; a clean launch costs one atomic over the bus (its launch
-counter), a launch with a finding a few more. Reads, and writes that are guarded or trapped,
+fixed address a CUDA graph captures; a clean launch costs its launch counter's atomic over the
+bus (plus a ticket atomic per program when the grid has several), a launch with a finding a few
+more. Not yet measured on a GPU. Reads, and writes that are guarded or trapped,
 keep device slots. In ``raise`` and ``abort`` mode such a write traps on the device instead.
 
 **Corrupted records.** A device slot can still be overwritten (by that write, or by a kernel no
