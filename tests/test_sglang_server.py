@@ -145,15 +145,17 @@ def server_command(mode: str, config: Path, report_dir: Path, port: int, backend
 def start(tmp_path):
     servers = []
 
-    def start_server(mode="log", backend="torch_native", page=16, track=True, port=31200, **env):
+    def start_server(mode="log", backend="torch_native", page=16, track=True, port=31200, model=None, **env):
         config = tmp_path / f"c{port}.toml"
         config.write_text(f"track_pages = {'true' if track else 'false'}\ndump_dir = {str(tmp_path / 'dumps')!r}\n")
         environment, _, _ = readme_block()
         if backend == "triton":  # SGLang's Triton kernels run under Triton's interpreter on a CPU
             environment = {**environment, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
         report_dir = tmp_path / f"reports{port}"
-        server = Server(server_command(mode, config, report_dir, port, backend, page),
-                        base_env(**environment, **env), tmp_path / f"server{port}.log", port)
+        command = server_command(mode, config, report_dir, port, backend, page)
+        if model is not None:
+            command[command.index("--model-path") + 1] = f"tests/sglang_server/{model}"
+        server = Server(command, base_env(**environment, **env), tmp_path / f"server{port}.log", port)
         server.report_dir = report_dir
         servers.append(server)
         server.wait_ready()
@@ -222,6 +224,21 @@ def test_clean_load_has_no_findings(start, backend, page, load):
     assert sglang_evidence(output)["retracted"] > 0
 
 
+def test_hybrid_sliding_window_model_clean_load(start):
+    """The seed's setting as far as SGLang's CPU path goes: a Gemma 4 text model with a sliding-window
+    layer and a full one (config only), so SGLang runs its hybrid SWA pool (``SWAKVPool``), its SWA
+    allocator and ``full_to_swa_index_mapping``; Gemma 4 takes the ``triton`` backend (not
+    ``torch_native``). MTP cannot run on a CPU here (README: SGLang's CPU path)."""
+    server = start(backend="triton", page=1, port=31250, model="tiny-gemma4")
+    stats = server.load("--requests", "3", "--concurrency", "3", "--max-new-tokens", "4", "--timeout", "300")
+    assert stats["failed"] == 0
+    output = server.stop()
+    assert "Tree cache initialized: source=default impl=UnifiedRadixCache hybrid_swa=True" in output
+    assert "; 0 finding(s), 0 error(s)" in output, output[-6000:]
+    counts = checked_counts(output)
+    assert counts[f"{TRITON}.decode_attention:decode_attention_fwd"] > 4 and counts[WRITE] > 4, counts
+
+
 def first_finding(output: str) -> str:
     """The first finding's report, as loguru logged it in the process that made it."""
     start = output.index("tsan_paged: [error]")
@@ -239,14 +256,20 @@ def first_finding(output: str) -> str:
     ("premature-free", "torch_native", 16, True,
      r"page-not-allocated in sglang\.srt\.layers\.attention\.torch_native_backend:TorchNativeAttnBackend\."
      r"_run_sdpa_forward_decode: req_to_token\[req_pool_indices\]\[\d+, 0\] = slot \d+ \(page \d+\): page \d+ is FREE"),
+    # the seed's own setting: the hybrid SWA model, whose full and SWA sub-allocators both take the edit
+    ("alloc-past-end", "triton", 1, True,
+     r"alloc-out-of-range in sglang\.srt\.mem_cache\.allocator\.token:TokenToKVPoolAllocator\.alloc: "
+     r"SWATokenToKVPoolAllocator\.(swa|full)_attn_allocator .* handed out index (1025|820) "),
     ("corrupt-req-to-token", "triton", 16, True,
      r"page-out-of-range in sglang\.kernels\.ops\.attention\.decode_attention:decode_attention_fwd: "
      r"kv_indices\[\d+\] \(row \d+, slot \d+ of the row\) = 1040, k_buffer has 1040 slots"),
 ])
 def test_fault_in_sglang_aborts_the_scheduler(start, fault, backend, page, track, expected, tmp_path):
     port = 31300 + len(fault) + page + (100 if backend == "triton" else 0)
+    swa = backend == "triton" and page == 1
     server = start(mode="abort", backend=backend, page=page, track=track, port=port, TSAN_PAGED_TEST_FAULT=fault,
-                   TSAN_PAGED_TEST_FAULT_AT="12" if backend == "triton" else "30")
+                   TSAN_PAGED_TEST_FAULT_AT="40" if swa else "12" if backend == "triton" else "30",  # past warm-up
+                   model="tiny-gemma4" if swa else None)
     server.load("--requests", "16", "--concurrency", "4", "--max-new-tokens", "8", "--timeout", "60",
                 "--deadline", "240", check=False)
     output = server.wait_end()
