@@ -1,8 +1,13 @@
-"""vLLM's paged ops, registered here with vLLM's schemas and real CPU kernels written in torch.
+"""vLLM's paged ops, registered here with vLLM's schemas and real CPU kernels written in torch:
+stand-ins for its compiled extensions (``_C``, ``_C_cache_ops``), which need libcuda.
 
-Schemas copied from vLLM's ``csrc/torch_bindings.cpp``; layouts from its kernels:
-``key_cache [num_blocks, H, D/x, block_size, x]``, ``value_cache [num_blocks, H, D, block_size]``
-(paged attention, reshape_and_cache), ``[num_blocks, block_size, H, D]`` (reshape_and_cache_flash),
+``_C_cache_ops`` schemas are vLLM 0.33.0's (the schema strings in its
+``_C_stable_libtorch.abi3.so``; ``vllm._custom_ops.reshape_and_cache*`` /
+``concat_and_cache_mla`` call them). ``_C::paged_attention_v1/_v2`` are older vLLM's (0.33.0's
+``_C`` has no such op; the rules stay for the versions that have them).
+Layouts from the kernels: ``key_cache [num_blocks, H, D/x, block_size, x]``,
+``value_cache [num_blocks, H, D, block_size]`` (paged attention, reshape_and_cache),
+``[num_blocks, block_size, H, D]`` (reshape_and_cache_flash),
 ``[num_blocks, block_size, kv_lora_rank + pe_dim]`` (concat_and_cache_mla).
 """
 
@@ -20,7 +25,8 @@ _C.define("paged_attention_v2(Tensor! out, Tensor! exp_sums, Tensor! max_logits,
           "int blocksparse_block_size, int blocksparse_head_sliding_step) -> ()")
 _CACHE = torch.library.Library("_C_cache_ops", "FRAGMENT")
 _CACHE.define("reshape_and_cache(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
-              "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()")
+              "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale, "
+              "bool interleaved_v=False) -> ()")
 _CACHE.define("reshape_and_cache_flash(Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, "
               "Tensor slot_mapping, str kv_cache_dtype, Tensor k_scale, Tensor v_scale) -> ()")
 _CACHE.define("concat_and_cache_mla(Tensor kv_c, Tensor k_pe, Tensor! kv_cache, Tensor slot_mapping, "
@@ -46,7 +52,8 @@ def paged_attention_v2(out, exp_sums, max_logits, tmp_out, query, key_cache, val
     paged_attention_v1(out, query, key_cache, value_cache, *rest)
 
 
-def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale):
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale,
+                      interleaved_v=False):
     block_size, x = key_cache.shape[3], key_cache.shape[4]
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
