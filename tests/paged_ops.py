@@ -26,6 +26,11 @@ def paged_gather_cpu(kv_pages, block_table, seq_lens, page_size):
 
 _lib.impl("paged_gather", paged_gather_cpu, "CPU")
 
+
+@torch.library.register_fake(OP)
+def _paged_gather_fake(kv_pages, block_table, seq_lens, page_size):  # for torch.compile
+    return kv_pages.new_empty(block_table.shape[0], block_table.shape[1] * page_size, *kv_pages.shape[2:])
+
 registry = Registry()
 
 

@@ -32,11 +32,17 @@ def caller_frame(library_dirs: tuple = (), depth: int = 1):
             if len(_inside) > 65536:
                 _inside.clear()
             cached = _inside[(id(code), library_dirs)] = (
-                code, code.co_filename.startswith(INSIDE + tuple(library_dirs)))
+                code, code.co_filename.startswith(INSIDE + tuple(library_dirs)) or _generated(code.co_filename))
         if not cached[1]:
             return frame
         frame = frame.f_back
     return None
+
+
+def _generated(path: str) -> bool:
+    """Code torch.compile generated (inductor's modules, FX's ``forward``): the caller is the
+    user's code that runs it."""
+    return path.startswith("<eval_with_key>") or f"{os.sep}torchinductor_" in path
 
 
 def describe(frame) -> tuple:

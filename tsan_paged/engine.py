@@ -92,7 +92,8 @@ def findings(items, call, settings: Optional[Settings] = None) -> list:
 
 
 def _on_device(item, tensors: tuple, settings: Settings, op: str, library_dirs: tuple, capture: bool,
-               paths: set) -> list:
+               paths: Optional[set] = None) -> list:
+    paths = set() if paths is None else paths
     devices = {t.device for t in tensors}
     if len(devices) > 1:  # a kernel reads all of them from one device: never launch across devices
         names = ", ".join(sorted(str(d) for d in devices))

@@ -199,9 +199,13 @@ class Interposer:
 
     def _make_wrapper(self, patched: Patched):
         on_call = self.on_call
+        compiling = _is_compiling()
 
         @functools.wraps(patched.original)
         def tsan_paged_wrapper(*args, **kwargs):
+            if compiling():  # dynamo is tracing the call: the check goes into the graph (compiled.py)
+                _compiled_check()(patched.target, args, kwargs)
+                return patched.original(*args, **kwargs)
             return on_call(patched, args, kwargs)
 
         tsan_paged_wrapper.__tsan_paged_original__ = patched.original
@@ -375,6 +379,19 @@ def _initializing(name: str, module) -> bool:
     if isinstance(locks, dict):
         return name in locks
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _is_compiling():
+    """``torch.compiler.is_compiling`` (true while dynamo traces), or a constant false without torch."""
+    torch = sys.modules.get("torch")
+    compiler = getattr(torch, "compiler", None)
+    return getattr(compiler, "is_compiling", None) or (lambda: False)
+
+
+def _compiled_check():
+    from .compiled import check
+
+    return check
 
 
 FRAMEWORKS = frozenset({"sglang", "vllm"})

@@ -317,6 +317,35 @@ class PagedSanitizer(contextlib.ContextDecorator):
         self._check_and_act(patched.target, rules, arguments, patched.library_dirs)
         return _call_checked(patched.original, *args, **kwargs)
 
+    def _on_compiled_call(self, site, args: tuple, kwargs: dict) -> None:
+        """A checked call in compiled code, at a run of its graph (:mod:`tsan_paged.compiled`):
+        checked as an eager call is, its caller the line the graph was traced from."""
+        rules = self._rules.get(site.target)
+        patched = interposer.patched.get(site.target)
+        if not rules or patched is None:
+            return
+        try:
+            arguments = patched.binder.bind(args, kwargs) if patched.binder else dict(enumerate(args), **kwargs)
+        except TypeError:
+            return
+        self._check_and_act(site.target, rules, arguments, patched.library_dirs, where=(site.caller, site.stack))
+
+    def _on_compiled_call_not_checked(self, site) -> None:
+        """A call compiled code makes that its graph could not hold a check for: said once per site."""
+        if site.target not in self._rules:
+            return
+        self._count_checked(site.target, {engine.SKIPPED})
+        key = (site.caller, site.target, "compiled")
+        if key in self.settings.skipped:
+            return
+        self.settings.skipped.add(key)
+        self._record(self._configured([Violation(
+            "rule-skipped-in-capture", site.target,
+            f"the call of {site.target} in torch.compile'd code is not checked: its arguments hold "
+            f"{site.leaves[0]} objects, which an op of a compiled graph cannot take; call it outside the "
+            "compiled region (torch.compiler.disable) to have it checked", op=site.target, caller=site.caller,
+            stack=site.stack)]))
+
     def _on_op_call(self, target: str, op, args: tuple, kwargs: dict, call_original):
         rules = self._rules.get(target)
         if not rules or getattr(_local, "checking", False):
@@ -324,7 +353,7 @@ class PagedSanitizer(contextlib.ContextDecorator):
         self._check_and_act(target, rules, bind_schema(op, args, kwargs), (_torch_dir(),))
         return _call_checked(call_original)
 
-    def _check_and_act(self, target: str, rules, arguments: dict, library_dirs: tuple) -> None:
+    def _check_and_act(self, target: str, rules, arguments: dict, library_dirs: tuple, where=None) -> None:
         # While a CUDA graph is being captured, Python's cyclic GC is paused for the check: a
         # collection our allocations set off could destroy a dead CUDAGraph, which is not
         # permitted during capture and would break the user's capture (SGLang's graph runner
@@ -336,18 +365,19 @@ class PagedSanitizer(contextlib.ContextDecorator):
         if paused:
             gc.disable()
         try:
-            self._check_and_act_now(target, rules, arguments, library_dirs, capture)
+            self._check_and_act_now(target, rules, arguments, library_dirs, capture, where)
         finally:
             if paused:
                 gc.enable()
 
-    def _check_and_act_now(self, target: str, rules, arguments: dict, library_dirs: tuple, capture: bool) -> None:
+    def _check_and_act_now(self, target: str, rules, arguments: dict, library_dirs: tuple, capture: bool,
+                           where=None) -> None:
         paths = set()
         violations = self._run_rules(target, rules, arguments, library_dirs, capture, paths)
         self._count_checked(target, paths)
         if not violations:
             return
-        caller, stack = find_caller(library_dirs)
+        caller, stack = where or find_caller(library_dirs)
         violations = self._configured([v.replace(op=target, caller=caller, stack=stack) for v in violations])
         self._record(violations)
         errors = [v for v in violations if v.severity == "error"]
