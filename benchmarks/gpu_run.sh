@@ -11,6 +11,7 @@
 #   variance  benchmarks/gpu_capture_variance.py (the in-graph cost against its floor)
 #   host      benchmarks/gpu_host_probe.py (where an eager call's host time goes)
 #   memcheck  compute-sanitizer on the seed's case (benchmarks/gpu_memcheck.py)
+#   model     benchmarks/gpu_model_step.py: a 32-layer model-sized decode step, eager and graphs, bare vs log
 #   tp        benchmarks/gpu_tp_failfast.py: abort in a 2-rank NCCL job (kind nvidia-h200-x2)
 #   track     benchmarks/gpu_track_pages.py: track_pages' host cost per allocation, its cost in a graph
 #   sglang    benchmarks/gpu_sglang.py: SGLang's pools and backends on the GPU (SGLang in /tmp/sgl-site:
@@ -47,6 +48,9 @@ if [[ $STEPS == *tp* ]]; then
   cp tsan_paged_autostart.pth "$(python3 -c 'import site; print(site.getsitepackages()[0])')/"
   python3 -c "import sys; sys.path.insert(0, 'tests'); import tp_worker, torch; torch.cuda.set_device(0); s, _, _ = tp_worker.flashinfer_decode(0, 2); s(); torch.cuda.synchronize(); print('xqa built')"
   python3 benchmarks/gpu_tp_failfast.py 2>&1 | grep -vi warn | tee "$OUT/gpu_tp_failfast.log" | tail -12
+fi
+if [[ $STEPS == *model* ]]; then
+  python3 benchmarks/gpu_model_step.py --out "$OUT" 2>&1 | grep -vi warn | tee "$OUT/gpu_model_step.log" | tail -8
 fi
 if [[ $STEPS == *track* ]]; then
   python3 benchmarks/gpu_track_pages.py 2>&1 | grep -vi warn | tee "$OUT/gpu_track_pages.log" | tail -12

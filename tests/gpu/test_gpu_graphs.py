@@ -93,6 +93,8 @@ def test_log_mode_graph_replays_are_checked(name):
         torch.cuda.synchronize()
         san.flush()
         assert san.reports == []
+        # accounting: the eager call was checked on the device, the captured one in the graph
+        assert {how for _, how in san.checked} >= {"device", "captured"}, san.checked
         if not case.guarded:  # log mode lets an unguardable write through: its fault runs in the child
             return
         expected = case.plant()
@@ -308,3 +310,50 @@ def test_track_pages_use_after_free_found_in_replayed_graphs():
     reported = [v for v in san.reports if v.check == "page-not-allocated"]
     assert reported and reported[0].index[0] == 2 and reported[0].value == page, found(san.reports)
     assert "is FREE" in reported[0].message and "test_track_pages_use_after_free" in reported[0].message
+
+
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["default", "fullgraph"])
+def test_compiled_decode_reduce_overhead_is_checked_at_every_run(fullgraph):
+    """FlashInfer's real decode called from torch.compile'd code, mode="reduce-overhead" (CUDA graphs):
+    the check is an op of the compiled graph (tsan_paged/compiled.py), so a fault planted after
+    compiling is found at the next run, at its index, with the model's line as caller."""
+    import flashinfer.decode
+
+    from gpu_batches import make_batch, make_kv
+
+    torch._dynamo.reset()
+    batch = make_batch(8, 1024, make_kv(600))
+    table, lengths = batch["block_tables"], batch["seq_lens"]
+    others = {k: v for k, v in batch.items() if k not in ("query", "block_tables", "seq_lens")}
+
+    def step(query, block_tables, seq_lens):
+        return flashinfer.decode.trtllm_batch_decode_with_kv_cache(
+            query=query * 1, block_tables=block_tables, seq_lens=seq_lens, **others) + 1
+
+    if fullgraph:  # whether FlashInfer's own Python traces whole, without the sanitizer
+        try:
+            torch.compile(step, fullgraph=True)(batch["query"], table, lengths)
+        except Exception as exc:
+            pytest.skip(f"FlashInfer's entry point does not trace with fullgraph=True without the sanitizer "
+                        f"either: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        torch._dynamo.reset()
+    with PagedSanitizer(mode="log") as san:
+        reference = step(batch["query"], table, lengths)
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=fullgraph)
+        for _ in range(4):
+            out = compiled(batch["query"], table, lengths)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, reference, atol=1e-2, rtol=1e-2)
+        san.flush()
+        assert errors(san) == [], found(san.reports)
+        row = 3
+        col = (int(lengths[row]) - 1) // 64
+        table[row, col] = 600  # the seed's one past the end, in place: the graph's input buffer sees it
+        compiled(batch["query"], table, lengths)
+        torch.cuda.synchronize()
+        san.flush()
+    print("checked:", dict(san.checked))
+    [first] = errors(san)[:1]
+    assert (first.check, first.index, first.value, first.bound) == ("page-out-of-range", (row, col), 600, 600)
+    assert "test_gpu_graphs.py" in first.caller and "in step" in first.caller, first.caller
+    assert sum(n for (t, _), n in san.checked.items() if t.endswith("trtllm_batch_decode_with_kv_cache")) >= 5
