@@ -8,8 +8,11 @@ requests run, how many tokens each computed and schedules) and calls vLLM's own 
   (``vllm.v1.core.single_type_kv_cache_manager``): ``allocate_new_blocks``, and
   ``remove_skipped_blocks``, which frees the blocks a window left and puts the null block in
   their place, as the scheduler does each step;
-- the table and slot mapping: ``vllm.v1.worker.block_table.BlockTable`` (``add_row``, and
-  ``compute_slot_mapping``: vLLM's Triton kernel, run by the interpreter);
+- the table and slot mapping: ``vllm.v1.worker.block_table.BlockTable``, filled as the model
+  runner fills it (``gpu_input_batch.py``: ``add_row`` for a request new to the batch;
+  ``gpu_model_runner.py`` ``_update_states``: ``append_row`` of the step's new blocks only, so
+  blocks the scheduler freed behind a window stay in the worker's row: stale, in range), and
+  ``compute_slot_mapping`` (vLLM's Triton kernel, run by the interpreter);
 - the per-step metadata: ``CommonAttentionMetadata`` as the model runner fills it, then
   ``TritonAttentionMetadataBuilder.build`` (its split-KV scratch, 3D threshold);
 - the layer: ``TritonAttentionImpl.do_kv_cache_update`` (-> ``triton_reshape_and_cache_flash``)
@@ -106,6 +109,7 @@ class TritonBackend:
             self.builder = TritonAttentionMetadataBuilder(self.spec, [LAYER], self.config, torch.device("cpu"))
             self.impl = TritonAttentionImpl(HEADS, DIM, DIM ** -0.5, KV_HEADS, None, sliding_window, "auto")
         self.layer = Layer()
+        self.rows: dict = {}  # request id -> its row in the persistent batch
         g = torch.Generator().manual_seed(0)
         self.kv_cache = torch.randn(num_blocks, KV_HEADS, block_size, 2 * DIM, generator=g)
 
@@ -113,8 +117,12 @@ class TritonBackend:
         """``requests``: ``[(request_id, computed_tokens, scheduled_tokens)]``, in batch order."""
         for row, (rid, computed, scheduled) in enumerate(requests):
             self.manager.remove_skipped_blocks(rid, computed)  # the scheduler frees what the window left
-            self.manager.allocate_new_blocks(rid, computed + scheduled, computed + scheduled)
-            self.table.add_row([b.block_id for b in self.manager.req_to_blocks[rid]], row)
+            new = self.manager.allocate_new_blocks(rid, computed + scheduled, computed + scheduled)
+            if self.rows.get(rid) != row:  # new to the batch (this driver keeps each request's row)
+                self.table.add_row([b.block_id for b in self.manager.req_to_blocks[rid]], row)
+                self.rows[rid] = row
+            elif new:
+                self.table.append_row([b.block_id for b in new], row)
         n = len(requests)
         self.table.block_table.gpu[:n].copy_(self.table.block_table.cpu[:n])  # commit_block_table, unpinned
         q_lens = [s for _, _, s in requests]
