@@ -17,7 +17,10 @@ saying why, where it is not installed):
 
 vLLM's FlashAttention and FlashMLA backend classes are not driven: vLLM binds their kernels only
 on a CUDA platform (``fa_utils.py``: ``if current_platform.is_cuda(): from
-vllm.vllm_flash_attn import flash_attn_varlen_func``), and a CPU is not one.
+vllm.vllm_flash_attn import flash_attn_varlen_func``), and a CPU is not one. Nor its FlashInfer
+backend: ``FlashInferMetadataBuilder.__init__`` reads the model's registered ``Attention``
+layers (which pick their backend by platform) and plans FlashInfer wrappers, whose
+constructors pin host memory (no driver here).
 """
 
 import needs_vllm  # noqa: F401  (skips this module without vLLM)
