@@ -12,7 +12,7 @@ costs a process that never imports torch next to nothing.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "PagedSanitizer": "sanitizer", "current": "sanitizer",

@@ -11,7 +11,10 @@ import sys
 def main(argv=None) -> int:
     # A call that gets through to FlashInfer's trtllm-gen path must fail offline, not download.
     os.environ.setdefault("FLASHINFER_NO_DOWNLOAD", "1")
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="tsan-paged", description="A sanitizer for paged-KV attention kernels.")
+    parser.add_argument("--version", action="version", version=f"tsan-paged {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="catch the seed's off-by-one (8657 of 8657) through the real FlashInfer entry point, on CPU")
     run = sub.add_parser("run", help="run a command with every Python process of its tree sanitized; merge their reports",
