@@ -174,6 +174,13 @@ _EXTEND_READS = ("q_extend", "k_buffer", "v_buffer", "qo_indptr", "kv_indptr", "
 
 @rule(f"{OPS}.extend_attention:extend_attention_fwd", name="sglang.extend_attention_fwd", reads=_EXTEND_READS)
 def extend_attention_fwd(call):
+    """Every prefix slot counts as read, also with ``sliding_window_size > 0``: the kernel then
+    skips a whole ``BLOCK_N_PREFIX`` tile of prefix slots left of every query row's window
+    (``SKIP_TILE``), but that tile size (and ``BLOCK_M``) is chosen per device, so the first slot
+    loaded is not known from the call. The region is wider than the kernel's by the skipped tiles
+    (``tests/test_read_region_oracle.py`` measures ~10% of window entries); SGLang's own lists hold
+    in-range slots there (an evicted SWA token translates to the padding slot 0), so it reports
+    nothing on its tables."""
     q, k_buffer, v_buffer, qo_indptr, indptr, indices, skip_prefix, identity = call.read(_EXTEND_READS)
     if skip_prefix or identity:
         return []  # no prefix index is read
