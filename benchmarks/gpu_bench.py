@@ -1,6 +1,7 @@
 """GPU benchmarks: what checking costs a FlashInfer decode step (xqa, sm90), per call.
 
     python benchmarks/gpu_bench.py [--out DIR]     # on the lent H100: benchmarks/gpu_run.sh
+    Recorded: benchmarks/results/gpu_bench_h200.json, gpu_bench_64x4096_final_h200.json, gpu_bench_h100.json
 
 For batch 64 and 256 and contexts 4k and 32k (page 64, bf16, 8 KV heads, GQA 4, head_dim 128):
 

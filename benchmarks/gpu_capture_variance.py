@@ -13,6 +13,9 @@ three passes (GPU us per replay, and minus the fastest bare graph):
 - ``e<N>``: the check kernel with a plan of N entries per program, then the decode.
 
     python benchmarks/gpu_capture_variance.py [--config 64x4096]    # STEPS=variance of gpu_run.sh
+
+Recorded: ``benchmarks/results/gpu_capture_variance_h200.log``, ``gpu_capture_variance_h100.log``,
+``gpu_capture_variance_32k_h100.log``.
 """
 import argparse
 import os

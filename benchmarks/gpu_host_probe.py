@@ -14,6 +14,7 @@ the GPU synced between samples and never the bottleneck):
 If ``launch + decode`` costs more than ``launch`` plus ``decode``, the two launches interact;
 if ``sanitized`` costs more than ``check`` plus ``decode``, the wrapper does.
 Run on the lent H100: ``STEPS=host bash benchmarks/gpu_run.sh``.
+Recorded: ``benchmarks/results/gpu_host_probe_h100.log``.
 """
 import os
 import statistics

@@ -1,6 +1,7 @@
 """What each rule's check costs on the GPU: host time per eager call, and time added to a graph replay.
 
     python benchmarks/gpu_rules_bench.py [--out DIR]     # on the lent H200: STEPS=rules bash benchmarks/gpu_run.sh
+    Recorded: benchmarks/results/gpu_rules_bench_h200.json
 
 For every case of ``tests/gpu/gpu_cases.py`` (a built-in rule through its library's entry point or
 stand-in, a TOML rule and a Python rule on a CUDA op):

@@ -3,7 +3,8 @@
 #   ../shared/gpu/fetch-wheels.sh .device-wheels      # here, once: FlashInfer + tvm-ffi wheels
 #   python3 -m pip download --no-deps -d .device-wheels loguru==0.7.3
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".device-wheels"], kind="nvidia-h200")
-# Logs go to $OUT (or ./gpu_out). Steps: install, then STEPS (default tests,bench,rules) in the order
+# Logs go to $OUT (or ./gpu_out); the runs the docs cite are kept in benchmarks/results/, each named
+# with its machine (gpu_tests_h200.log, gpu_bench_h100.json, ...). Steps: install, then STEPS (default tests,bench,rules) in the order
 # variance, host, tests, bench, rules, memcheck:
 #   tests     tests/gpu (test_gpu_decode.py, test_gpu_graphs.py; TESTS= narrows them, pytest -k syntax)
 #   bench     benchmarks/gpu_bench.py (the decode rule: eager, sync, graph, host; CONFIGS=64x4096,...)

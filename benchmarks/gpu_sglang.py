@@ -3,6 +3,7 @@ under the sanitizer (issue 14): eager, and (configurations ending in ``:graphs``
 replayed in CUDA graphs through the backend's own graph hooks (``sglang_driver.GraphRunner``).
 
     STEPS=sglang TSAN_PAGED_SGLANG_STEPS=3000 bash benchmarks/gpu_run.sh   (SGLang carried first: docs/gpu.md)
+    Recorded: benchmarks/results/gpu_sglang_h200.log, gpu_sglang_3000steps_h200.log, gpu_sglang_final_check_h200.log
 
 ``tests/sglang_driver.py`` with ``TSAN_PAGED_SGLANG_DEVICE=cuda``: the seeded scheduler of the CPU
 tests, its tables built by SGLang's own code (Triton kernels on the GPU), its kernel calls through

@@ -1,6 +1,7 @@
 """Tensor parallel, fail fast, on two GPUs: how long a job takes to end after rank 1's bad table.
 
     python benchmarks/gpu_tp_failfast.py          # on a 2-GPU machine (gpu_run.sh STEPS=tp)
+    Recorded: benchmarks/results/gpu_tp_failfast_h200x2.log
 
 ``tests/tp_worker.py`` (2 ranks, NCCL; each rank decodes its head shard with FlashInfer's xqa and
 all-reduces every step) runs under ``TSAN_PAGED=abort`` (the autostart .pth) in four set-ups,

@@ -6,6 +6,7 @@ stream (``PoolState.mark``), made with synchronizing operations refused (sync de
 "launch alone" is that launch without the tracker's bookkeeping around it.
 The decode is FlashInfer's xqa (``gpu_cases.trtllm_decode``: 8 x 2048 tokens, page 64), captured in
 a graph with and without tracking; its replays are timed with CUDA events.
+Recorded: ``benchmarks/results/gpu_track_pages_h200.log``.
 """
 
 import statistics
