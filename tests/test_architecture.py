@@ -1,9 +1,11 @@
-"""The module layout the README's architecture section states, checked on the source."""
+"""The module layout docs/architecture.md states, checked on the source."""
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tsan_paged"
+ROOT = PACKAGE.parent
 
 
 def imported_modules(path: Path) -> set:
@@ -28,3 +30,21 @@ def test_the_engine_and_the_device_code_never_import_the_sanitizer():
 def test_rule_modules_describe_and_never_launch():
     for path in (PACKAGE / "rules").glob("*.py"):
         assert not imported_modules(path) & {"device", "kernels", "engine", "sanitizer"}, path.name
+
+
+
+def documented_tree() -> str:
+    return re.search(r"```\n(tsan_paged/\n.*?)```", (ROOT / "docs" / "architecture.md").read_text(), re.S).group(1)
+
+
+def test_the_documented_tree_names_every_module_and_config():
+    """docs/architecture.md's tree names each module of ``tsan_paged/`` and ``tsan_paged/rules/``,
+    and each shipped config; each top-level path it names exists."""
+    tree = documented_tree()
+    named = set(re.findall(r"[\w.]+\.(?:py|pth|toml|typed)\b", tree))
+    modules = {p.name for p in PACKAGE.glob("*.py")} | {p.name for p in (PACKAGE / "rules").glob("*.py")}
+    assert modules - named == set(), "modules the tree does not name"
+    configs = {p.name for p in (ROOT / "configs").glob("*.toml")}
+    assert configs - named == set(), "configs the tree does not name"
+    top = [line.split()[0] for line in tree.splitlines() if line and not line.startswith(" ")]
+    assert [t for t in top if not (ROOT / t).exists()] == [], "the tree names what is not there"

@@ -1,7 +1,7 @@
 """Abort mode in a tensor-parallel job (gloo, 2 processes on a CPU): rank 1's bad table ends
 the whole job within seconds (``tsan_paged/distributed.py``), per-rank reports, ``show``.
 
-The job is ``tp_worker.py`` (never imports tsan_paged), started exactly as the README says:
+The job is ``tp_worker.py`` (never imports tsan_paged), started exactly as docs/distributed.md says:
 ``tsan-paged run --mode abort -- torchrun --nproc-per-node 2 ...``, and by a launcher of its own
 (two plain processes, as SGLang spawns its TP workers) where nothing but the sanitizer's store
 watcher ends the rank left computing.
@@ -93,9 +93,9 @@ def test_own_launcher_peer_ends_only_through_the_store_watcher(tmp_path, abort_p
 
 
 def test_readme_tp_command_exactly_as_written():
-    """The README's command, verbatim, from the repository root."""
+    """docs/distributed.md's command, verbatim, from the repository root."""
     root = TESTS.parent
-    [line] = [line for line in (root / "README.md").read_text().splitlines()
+    [line] = [line for line in (root / "docs" / "distributed.md").read_text().splitlines()
               if line.startswith("tsan-paged run --mode abort -- torchrun")]
     result = subprocess.run(line.split(), capture_output=True, text=True, env=env(), cwd=root, timeout=180)
     output = result.stdout + result.stderr

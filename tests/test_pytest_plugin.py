@@ -48,9 +48,14 @@ def test_raise_mode_marker(paged_sanitizer):
 '''
 
 
-README_COMMANDS = [line.split("#")[0].split() for line in re.search(
-    r"## Run your tests under the sanitizer\n\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S
-).group(1).splitlines()]
+def pytest_commands(page) -> list:
+    """The ``pytest`` lines of a page's first bash block under its "Run your tests under the sanitizer" heading."""
+    return [line.split("#")[0].split() for line in re.search(
+        r"# Run your tests under the sanitizer\n\n(?:.*?\n\n)??```bash\n(.*?)```", page.read_text(), re.S
+    ).group(1).splitlines()]
+
+
+README_COMMANDS = pytest_commands(ROOT / "README.md")
 
 
 @pytest.fixture
@@ -76,6 +81,7 @@ def check_outcomes(result):
 def test_readme_lists_every_form():
     assert [" ".join(c) for c in README_COMMANDS] == [
         "pytest --paged-sanitizer tests/", "pytest tests/ --paged-sanitizer", "pytest --paged-sanitizer=raise tests/"]
+    assert pytest_commands(ROOT / "docs" / "pytest.md") == README_COMMANDS  # the plugin's page says the same
 
 
 @pytest.mark.parametrize("command", README_COMMANDS, ids=[" ".join(c) for c in README_COMMANDS])

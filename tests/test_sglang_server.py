@@ -1,6 +1,6 @@
 """SGLang 0.5.23's real server under the sanitizer, on a CPU: ``python -m sglang.launch_server``
 with its own scheduler (overlap scheduling, radix cache, chunked prefill, retraction), allocators,
-pools and attention backends, started by ``tsan-paged run`` exactly as the README says, and loaded
+pools and attention backends, started by ``tsan-paged run`` exactly as docs/sglang.md says, and loaded
 over HTTP by ``sglang_server/load.py``.
 
 - Clean load (``log`` mode, ``track_pages`` on): every request served, 0 findings, and the merged
@@ -39,15 +39,15 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 BIN = Path(sys.executable).parent
-README = (ROOT / "README.md").read_text()
+SGLANG_DOC = (ROOT / "docs" / "sglang.md").read_text()
 NATIVE = "sglang.srt.layers.attention.torch_native_backend:TorchNativeAttnBackend"
 WRITE = "sglang.srt.mem_cache.memory_pool:MHATokenToKVPool.set_kv_buffer"
 TRITON = "sglang.kernels.ops.attention"
 
 
 def readme_block() -> tuple:
-    """The README's SGLang server commands: ``(environment, server command, load command)``."""
-    block = re.search(r"```bash\n(# SGLang's real server on a CPU.*?)```", README, re.S).group(1)
+    """docs/sglang.md's SGLang server commands: ``(environment, server command, load command)``."""
+    block = re.search(r"```bash\n(# SGLang's real server on a CPU.*?)```", SGLANG_DOC, re.S).group(1)
     lines = [line.split("  #")[0].rstrip() for line in block.replace("\\\n", " ").splitlines()
              if line.strip() and not line.startswith("#")]
     export, server, load = lines
@@ -130,7 +130,7 @@ class Server:
 
 
 def server_command(mode: str, config: Path, report_dir: Path, port: int, backend: str, page: int) -> list:
-    """The README's command with another mode, config, port, backend or page size, and a report directory."""
+    """docs/sglang.md's command with another mode, config, port, backend or page size, and a report directory."""
     _, command, _ = readme_block()
     options = {"--mode": mode, "--config": str(config), "--port": str(port), "--attention-backend": backend,
                "--page-size": str(page)}
@@ -181,7 +181,7 @@ def sglang_evidence(output: str) -> dict:
 
 
 def test_readme_server_command_exactly_as_written(tmp_path):
-    """The README's two commands, verbatim, from the repository root: a clean load checked."""
+    """docs/sglang.md's two commands, verbatim, from the repository root: a clean load checked."""
     environment, command, load = readme_block()
     assert command[:5] == ["tsan-paged", "run", "--mode", "log", "--config"] and load[0] == "python"
     server = Server(command, base_env(**environment), tmp_path / "server.log", port=30000)
@@ -228,7 +228,7 @@ def test_hybrid_sliding_window_model_clean_load(start):
     """The seed's setting as far as SGLang's CPU path goes: a Gemma 4 text model with a sliding-window
     layer and a full one (config only), so SGLang runs its hybrid SWA pool (``SWAKVPool``), its SWA
     allocator and ``full_to_swa_index_mapping``; Gemma 4 takes the ``triton`` backend (not
-    ``torch_native``). MTP cannot run on a CPU here (README: SGLang's CPU path)."""
+    ``torch_native``). MTP cannot run on a CPU here (docs/sglang.md: SGLang's CPU path)."""
     server = start(backend="triton", page=1, port=31250, model="tiny-gemma4")
     stats = server.load("--requests", "3", "--concurrency", "3", "--max-new-tokens", "4", "--timeout", "300")
     assert stats["failed"] == 0
