@@ -7,7 +7,7 @@
 all-reduces every step) runs under ``TSAN_PAGED=abort`` (the autostart .pth) in four set-ups,
 with rank 1's table made bad at step 20 of 400:
 
-- ``tsan-paged run --mode abort -- torchrun --nproc-per-node 2 ...`` (the README's command),
+- ``tsan-paged run --mode abort -- torchrun --nproc-per-node 2 ...`` (docs/distributed.md's command),
   with the sanitizer's store watcher (``abort_peers``, the default) and without it (torchrun's
   agent alone ends the other rank);
 - two processes started by a launcher of their own (as SGLang starts its TP workers), with and
