@@ -172,8 +172,15 @@ def test_sglang_triton_decode_region(data):
                                               1.0, page_size=page_size)
         return o
 
-    cells = [(i,) for i in range(kv_indices.shape[0])]
-    live = ro.rule_live(run, kv_indices, cells, num_slots)
+    live, base, touched, poison = _slot_list_oracle(run, kv_indices, num_slots, k, v)
+    _probe(DECODE_TALLY, base, _csr_cells(kv_indptr), lambda b: slice(b, b + 1), live, lambda c: int(kv_indices[c]),
+           poison, touched)
+
+
+def _slot_list_oracle(run, kv_indices, num_slots, k, v):
+    """For a kernel ``run(k, v)`` reading the CSR slot list ``kv_indices``: which entries the rule
+    calls live, the kernel's output, the slots its loads touched, and a run with slots poisoned."""
+    live = ro.rule_live(run, kv_indices, [(i,) for i in range(kv_indices.shape[0])], num_slots)
     with ro.trace_loads() as seen:
         base = run()
     touched = ro.pages_touched(seen, k) | ro.pages_touched(seen, v)
@@ -183,8 +190,7 @@ def test_sglang_triton_decode_region(data):
         k2[slots], v2[slots] = NAN, NAN
         return run(k2, v2)
 
-    _probe(DECODE_TALLY, base, _csr_cells(kv_indptr), lambda b: slice(b, b + 1), live, lambda c: int(kv_indices[c]),
-           poison, touched)
+    return live, base, touched, poison
 
 
 @pytest.mark.skipif(SGLANG is not None, reason=SGLANG or "")
@@ -214,17 +220,7 @@ def test_sglang_triton_extend_region(data):
                                               page_size=page_size)
         return o
 
-    cells = [(i,) for i in range(kv_indices.shape[0])]
-    live = ro.rule_live(run, kv_indices, cells, num_slots)
-    with ro.trace_loads() as seen:
-        base = run()
-    touched = ro.pages_touched(seen, k) | ro.pages_touched(seen, v)
-
-    def poison(slots):
-        k2, v2 = k.clone(), v.clone()
-        k2[slots], v2[slots] = NAN, NAN
-        return run(k2, v2)
-
+    live, base, touched, poison = _slot_list_oracle(run, kv_indices, num_slots, k, v)
     rows = lambda b: slice(int(qo_indptr[b]), int(qo_indptr[b + 1]))  # noqa: E731
     _probe(EXTEND_TALLY, base, _csr_cells(kv_indptr), rows, live, lambda c: int(kv_indices[c]), poison, touched,
            exact=window <= 0, key="window, " if window > 0 else "")
