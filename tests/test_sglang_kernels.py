@@ -313,6 +313,62 @@ def test_pool_write_valid_slots_written_planted_slot_caught(page_size):
             "page-out-of-range", "loc", (1,), bad, rows)
 
 
+def native_decode_inputs(lengths=(7, 30, 12), seed=3):
+    """What SGLang's torch_native decode reads: req_to_token rows (token slots), the batch's rows of
+    it, lengths, and per-token K / V."""
+    g = torch.Generator().manual_seed(seed)
+    req_to_token = torch.zeros(6, 40, dtype=torch.int32)
+    slots = torch.randperm(SLOTS - 1, generator=g)[: sum(lengths)] + 1
+    rows, start = [4, 1, 2], 0
+    for row, n in zip(rows, lengths):
+        req_to_token[row, :n] = slots[start:start + n].to(torch.int32)
+        req_to_token[row, n:] = 10**6  # past a row's length: never read (SGLang leaves stale values there)
+        start += n
+    k, v = kv_buffers(seed)
+    q = torch.randn(len(lengths), HEADS, DIM, generator=g)
+    return q, k, v, req_to_token, torch.tensor(rows), torch.tensor(lengths)
+
+
+def native_decode(q, k, v, req_to_token, req_pool_indices, seq_lens):
+    """SGLang's own torch_native decode (the method, called as its backend's forward_decode does)."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    o = torch.empty_like(q)
+    return TorchNativeAttnBackend._run_sdpa_forward_decode(None, q, o, k, v, req_to_token, req_pool_indices, seq_lens,
+                                                            scaling=DIM ** -0.5, enable_gqa=True)
+
+
+def test_torch_native_decode_valid_rows_pass_and_match_a_reference():
+    q, k, v, req_to_token, rows, lengths = native_decode_inputs()
+    with PagedSanitizer(mode="raise") as san:
+        out = native_decode(q, k, v, req_to_token, rows, lengths)
+    # only the stale values past each row's length, never read: a warning, the call goes on
+    assert [(v.check, v.index) for v in san.reports] == [("dead-page-out-of-range", (0, 7))]
+    for b, (row, n) in enumerate(zip(rows.tolist(), lengths.tolist())):
+        slots = req_to_token[row, :n].long()
+        torch.testing.assert_close(out[b], reference(q[b:b + 1], k, v, slots)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("interpret", [False, True], ids=["torch", "device kernel (interpreted)"])
+def test_torch_native_decode_planted_slot_caught_at_request_and_position(interpret):
+    q, k, v, req_to_token, rows, lengths = native_decode_inputs()
+    req_to_token[2, 9] = SLOTS  # request 2 (req_to_token row 2, 12 tokens) reads position 9
+    san = PagedSanitizer(mode="raise")
+    san.options.device_interpret = interpret
+    with san, pytest.raises(PageTableViolation) as caught:
+        native_decode(q, k, v, req_to_token, rows, lengths)
+    found = caught.value.violations[0]
+    assert (found.op, found.check, found.arg, found.index, found.value, found.bound) == (
+        "sglang.srt.layers.attention.torch_native_backend:TorchNativeAttnBackend._run_sdpa_forward_decode",
+        "page-out-of-range", "req_to_token[req_pool_indices]", (2, 9), SLOTS, SLOTS)
+    assert found.caller.startswith("tests/test_sglang_kernels.py:")  # the caller of the private helper
+    req_to_token[2, 9] = 1
+    rows[0] = 6  # past req_to_token's 6 rows
+    with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation) as caught:
+        native_decode(q, k, v, req_to_token, rows, lengths)
+    assert [(v.arg, v.index, v.value) for v in caught.value.violations] == [("req_pool_indices", (0, 0), 6, )]
+
+
 def test_mla_pool_write_checked():
     from sglang.srt.runtime_context import get_parallel
 

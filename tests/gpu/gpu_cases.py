@@ -517,6 +517,19 @@ def checked_alone(dev="cuda") -> dict:
                                                  kv_indptr=indptr, kv_indices=indices, skip_prefix=False,
                                                  identity_kv_indices=False), plant_slot)
 
+    # SGLang torch_native: each request's token slots, req_to_token[req_pool_indices[b], :seq_lens[b]]
+    req_to_token = torch.randint(1, slots, (8, 1024), generator=g, **i32)
+    req_pool_indices = torch.tensor([3, 1, 6, 2], device=dev, dtype=torch.int64)
+
+    def plant_native():
+        req_to_token[1, 5] = slots  # request 1 (req_to_token row 1) reads 17 slots: position 5 is read
+        return ("page-out-of-range", (1, 5), slots, slots)
+
+    cases["sglang torch_native decode"] = (
+        "sglang.srt.layers.attention.torch_native_backend:TorchNativeAttnBackend._run_sdpa_forward_decode",
+        dict(k_cache=k_buffer, v_cache=k_buffer, req_to_token=req_to_token, req_pool_indices=req_pool_indices,
+             seq_lens=lens, encoder_lens=None, is_cross_attn=False), plant_native)
+
     # FlashAttention 3 / 4 through SGLang's wrappers, vLLM's FA and Triton unified attention
     pages, ps = 512, 16
     cache = torch.zeros(pages, ps, 2, 64, device=dev, dtype=torch.bfloat16)

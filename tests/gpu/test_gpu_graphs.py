@@ -256,7 +256,8 @@ def check_captured(san, target, arguments, plant, library_dirs=()):
     return expected
 
 
-ALONE = ["sglang decode_attention_fwd", "sglang extend_attention_fwd", "sglang fa3 flash_attn_with_kvcache",
+ALONE = ["sglang decode_attention_fwd", "sglang extend_attention_fwd", "sglang torch_native decode",
+         "sglang fa3 flash_attn_with_kvcache",
          "sglang fa4 flash_attn_with_kvcache", "vllm flash_attn_varlen_func", "vllm unified_attention",
          "flash_mla_with_kvcache", "sglang MHATokenToKVPool.set_kv_buffer", "vllm concat_and_cache_mla",
          "flashinfer cudnn_batch_decode_with_kv_cache", "flashinfer trtllm decode, context parallel",
