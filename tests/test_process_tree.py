@@ -184,6 +184,36 @@ def test_a_killed_process_leaves_its_counts(tmp_path):
     assert "4 call(s) checked" in shown.stdout and "(no exit summary: counts as last written)" in shown.stdout, shown.stdout
 
 
+FORK_PROGRAM = textwrap.dedent("""
+    import multiprocessing as mp
+    from batches import call_kernel, make_batch
+
+    def child():
+        call_kernel(make_batch(num_pages=30, lengths=[20, 40]))
+
+    if __name__ == "__main__":
+        batch = make_batch(num_pages=30, lengths=[20, 40])
+        for _ in range(3):
+            call_kernel(batch)
+        worker = mp.get_context("fork").Process(target=child)
+        worker.start()
+        worker.join()
+""")
+
+
+def test_a_forked_child_counts_its_own_calls(tmp_path):
+    """A fork copies the parent's counts: the child must count only its own (and write them)."""
+    program = tmp_path / "forks.py"
+    program.write_text(FORK_PROGRAM)
+    result = run([sys.executable, str(program)], TSAN_PAGED="log", TSAN_PAGED_REPORT_DIR=str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    checked = {}
+    for recs in records(tmp_path / "r").values():
+        [summary] = [r for r in recs if r["type"] == "summary"]
+        checked[summary["pid"]] = sum(n for _, _, n in summary["checked"])
+    assert sorted(checked.values()) == [1, 3], checked
+
+
 def test_rank_in_the_report_file_name(tmp_path):
     code = "from batches import make_batch, call_kernel\nb = make_batch(num_pages=30, lengths=[20, 40])\n" \
            "b['block_tables'][0, 0] = -1\ncall_kernel(b)\n"

@@ -193,8 +193,8 @@ class Reporter:
         """One more call checked: ``key`` is ``(op, how)``."""
         with self._lock:
             self.checked[key] += 1
-            if self._flusher is None and self.report_dir is not None:
-                self._after_fork()
+            if self._flusher is None and self.report_dir is not None:  # the first count of this process
+                self._register_atexit()
                 self._flusher = threading.Thread(target=self._flush_checked_loop, name="tsan_paged-report",
                                                  daemon=True)
                 self._flusher.start()
@@ -447,3 +447,13 @@ def merge_report_dir(directory) -> tuple:
 
 reporter = Reporter()
 """The process's reporter; every sanitizer in the process reports through it."""
+
+
+def _in_forked_child() -> None:
+    """A fork copies the parent's counts, its file and its lock (perhaps held by a thread the child
+    does not have): the child starts afresh, and writes its own file from its first record."""
+    reporter._lock = threading.Lock()
+    reporter._after_fork()
+
+
+os.register_at_fork(after_in_child=_in_forked_child)
