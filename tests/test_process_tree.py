@@ -184,6 +184,35 @@ def test_a_killed_process_leaves_its_counts(tmp_path):
     assert "4 call(s) checked" in shown.stdout and "(no exit summary: counts as last written)" in shown.stdout, shown.stdout
 
 
+def test_a_process_killed_when_it_goes_idle_leaves_all_its_counts(tmp_path):
+    """A server is stopped right after its last request: its workers, busy until then and SIGKILLed
+    a moment later, must leave every call they checked, not those of their last periodic write."""
+    from tsan_paged.report import CHECKED_FLUSH_S, CHECKED_IDLE_S
+
+    program = tmp_path / "busy.py"
+    program.write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        from batches import call_kernel, make_batch
+
+        batch = make_batch(num_pages=30, lengths=[20, 40])
+        calls, end = 0, time.monotonic() + float(sys.argv[1])
+        while time.monotonic() < end:  # busy past the first periodic write
+            call_kernel(batch)
+            calls += 1
+        print(calls, flush=True)
+        time.sleep(float(sys.argv[2]))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    result = run([sys.executable, str(program), str(CHECKED_FLUSH_S * 1.5), str(CHECKED_IDLE_S * 5)],
+                 TSAN_PAGED="log", TSAN_PAGED_REPORT_DIR=str(tmp_path / "r"))
+    assert result.returncode == -9, result.stderr
+    calls = int(result.stdout.split()[-1])
+    [(name, recs)] = records(tmp_path / "r").items()
+    assert [r["type"] for r in recs][0] == "start" and recs[-1]["type"] == "checked"
+    assert len(recs) >= 3  # one write while busy, one when it went idle
+    assert recs[-1]["checked"] == [["flashinfer.decode:trtllm_batch_decode_with_kv_cache", "host", calls]]
+
+
 FORK_PROGRAM = textwrap.dedent("""
     import multiprocessing as mp
     from batches import call_kernel, make_batch

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 import needs_sglang  # noqa: F401  (skips this module without SGLang)
+from tsan_paged.report import CHECKED_IDLE_S
 
 psutil = pytest.importorskip("psutil")
 
@@ -102,7 +103,11 @@ class Server:
         return stats
 
     def stop(self, timeout: float = 120) -> str:
-        """Ctrl-C to SGLang's server process (it shuts down and ends its workers); the merged report."""
+        """Ctrl-C to SGLang's server process (it shuts down and SIGKILLs its workers); the merged report.
+
+        Workers write their final counts within ``CHECKED_IDLE_S`` of going idle: wait that long
+        after the last response, as a user stopping the server a moment later does."""
+        time.sleep(3 * CHECKED_IDLE_S)
         if self.proc.poll() is None:
             for child in psutil.Process(self.proc.pid).children():
                 child.send_signal(signal.SIGINT)

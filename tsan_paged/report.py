@@ -125,9 +125,14 @@ class PageTableViolation(RuntimeError):
 
 
 CHECKED_FLUSH_S = 2.0
-"""How often (seconds) a process's checked-call counts are written to its report file while it
-runs, so that a process killed without running its exit handlers (a server's workers are often
-SIGKILLed by their parent) still leaves them."""
+"""How often (seconds), at most, a process's checked-call counts are written to its report file
+while they keep changing, so that a process killed without running its exit handlers (a server's
+workers are often SIGKILLed by their parent) still leaves them."""
+
+CHECKED_IDLE_S = 0.2
+"""Once the counts stop changing (a server between requests, a worker about to be killed), they
+are written within this many seconds: a process killed while idle leaves its exact counts; one
+killed while busy loses at most the last :data:`CHECKED_FLUSH_S` seconds of them."""
 
 
 class Reporter:
@@ -140,8 +145,9 @@ class Reporter:
     With a report directory, each sanitized process writes JSON lines to
     ``<dir>/tsan_paged[.rank<R>].<pid>.jsonl`` (a new file per process, never overwritten): a
     ``start`` record (pid, rank, command line) when the process is sanitized, each new finding
-    (at most ``max_lines``), its ``checked`` counts every :data:`CHECKED_FLUSH_S` seconds while
-    they change, and a ``summary`` record with both counts at exit. So a clean run still says
+    (at most ``max_lines``), its ``checked`` counts when they change (every
+    :data:`CHECKED_FLUSH_S` seconds while they keep changing, within :data:`CHECKED_IDLE_S` once
+    they stop), and a ``summary`` record with both counts at exit. So a clean run still says
     which processes were sanitized and what each checked. A forked child starts afresh.
     """
 
@@ -200,14 +206,20 @@ class Reporter:
                 self._flusher.start()
 
     def _flush_checked_loop(self) -> None:
+        """Write the counts when they change: at once when they stop changing, else every
+        :data:`CHECKED_FLUSH_S` seconds."""
         pid = os.getpid()
+        seen, written_at = 0, time.monotonic()
         while os.getpid() == pid and self._finished != pid:
-            time.sleep(CHECKED_FLUSH_S)
+            time.sleep(CHECKED_IDLE_S)
             with self._lock:
                 total = sum(self.checked.values())
+                busy, seen = total != seen, total
                 if total == self._flushed_total or self._finished == pid or self.report_dir is None:
                     continue
-                self._flushed_total = total
+                if busy and time.monotonic() - written_at < CHECKED_FLUSH_S:
+                    continue
+                self._flushed_total, written_at = total, time.monotonic()
                 self._report_file()
                 self._append({"type": "checked", **self._origin(), "title": _process_title(),
                               "checked": _checked_rows(self.checked)})
