@@ -24,3 +24,9 @@ class PagedCache:
 
     def write(self, loc, values):
         self.buffer[loc] = values
+
+
+def paged_decode_scaled(q, kv_cache, block_table, seq_lens, scale=1.0):
+    """An entry point that calls another (as FlashInfer's ``trtllm_batch_decode_with_kv_cache`` calls
+    ``xqa_batch_decode_with_kv_cache``): checked once, at the call the program makes."""
+    return paged_decode(q * scale, kv_cache, block_table, seq_lens)

@@ -138,3 +138,34 @@ def test_a_call_whose_arguments_a_graph_cannot_take_is_reported_not_checked(full
                                                              "paged_kernels:PagedCache.write")
     assert "PagedCache objects" in warning.message and warning.caller.startswith("tests/test_compile.py:")
     assert san.checked[("paged_kernels:PagedCache.write", "skipped")] == 2
+
+
+NESTED_RULES = {"rule": [dict(PYTHON_RULE["rule"][0], target=target)
+                         for target in ("paged_kernels:paged_decode", "paged_kernels:paged_decode_scaled")]}
+
+
+def nested_model(q, kv, table, lengths):
+    return paged_kernels.paged_decode_scaled(q, kv, table, lengths, 2.0) + 1
+
+
+@FULLGRAPH
+def test_an_entry_point_called_by_another_is_checked_once_as_in_eager_code(fullgraph):
+    """``paged_decode_scaled`` calls ``paged_decode``, both checked targets (as FlashInfer's trtllm
+    decode calls its xqa decode): eager code checks the call the program makes, not the nested one,
+    and so does compiled code, though dynamo traces through both wrappers."""
+    q, kv, table, lengths = inputs()
+    with PagedSanitizer(mode="log", config=NESTED_RULES) as san:
+        nested_model(q, kv, table, lengths)
+        eager = dict(san.checked)
+        san.checked.clear()
+        compiled = torch.compile(nested_model, fullgraph=fullgraph)
+        for _ in range(3):
+            compiled(q, kv, table, lengths)
+        table[1, 1] = PAGES
+        compiled(q, kv, table, lengths)
+    assert eager == {("paged_kernels:paged_decode_scaled", "host"): 1}
+    assert dict(san.checked) == {("paged_kernels:paged_decode_scaled", "host"): 4}
+    [finding] = [v for v in san.reports if v.severity == "error"]
+    assert (finding.op, finding.index, finding.value) == ("paged_kernels:paged_decode_scaled", (1, 1), PAGES)
+    assert finding.caller.startswith("tests/test_compile.py:") and finding.caller.endswith("in nested_model")
+    assert not counters["graph_break"]

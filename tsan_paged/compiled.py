@@ -53,12 +53,15 @@ class Site:
 
 
 def _record(target: str, args: tuple, kwargs: dict) -> tuple:
-    """``(the call's tensors, its site's number)``; a call traced again (the ``eager`` backend runs
-    this at every call) finds its site."""
+    """``(the call's tensors, its site's number)``, or ``([], None)`` for a call that a checked
+    entry point makes inside its own traced code (not checked, as in eager code); a call traced
+    again (the ``eager`` backend runs this at every call) finds its site."""
+    caller, stack, nested = _user_frame()
+    if nested:
+        return [], None
     leaves, spec = pytree.tree_flatten((args, kwargs))
     positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
     constants = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
-    caller, stack = _user_frame()
     key = (target, repr(spec), repr(constants), stack)
     with _lock:
         number = _by_key.get(key)
@@ -69,8 +72,11 @@ def _record(target: str, args: tuple, kwargs: dict) -> tuple:
 
 
 def _user_frame() -> tuple:
-    """``(caller, stack)``: the line of the user's code the traced call is on, from dynamo's record
-    of the frames it traces (else the Python stack now), outside tsan_paged and torch."""
+    """``(caller, stack, nested)``: the line of the user's code the traced call is on, from dynamo's
+    record of the frames it traces (else the Python stack now), outside tsan_paged and torch;
+    ``nested``: the call is made inside another checked entry point, whose wrapper is on the stack
+    too (FlashInfer's ``trtllm_batch_decode_with_kv_cache`` calling ``xqa_batch_decode_with_kv_cache``:
+    eager code checks only the outer call, :func:`tsan_paged.sanitizer._call_checked`)."""
     frames = []
     try:  # AOT tracing runs this for a node of dynamo's graph, whose meta has the user's stack
         import re
@@ -85,10 +91,12 @@ def _user_frame() -> tuple:
         while frame is not None:
             frames.insert(0, (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
             frame = frame.f_back
+    wrapper = os.path.join(_HERE, "interpose.py")
+    nested = sum(1 for file, _, name in frames if file == wrapper and name == "tsan_paged_wrapper") > 1
     inside = INSIDE + (os.path.join(_HERE, "compiled.py"), os.path.dirname(torch.__file__) + os.sep, "<eval_with_key>")
     users = [f for f in frames if not f[0].startswith(inside)]
     stack = tuple(f"{short_path(file)}:{line} in {name}" for file, line, name in users)[-STACK_LIMIT:]
-    return (stack[-1], stack) if stack else ("", ())
+    return (stack[-1] if stack else "", stack, nested)
 
 
 @torch.library.custom_op("tsan_paged::check", mutates_args=())
@@ -150,7 +158,9 @@ def check(target: str, args: tuple, kwargs: dict) -> None:
 
 @torch._dynamo.nonstrict_trace
 def not_checked_in_graph(target: str, types: str) -> int:
-    caller, stack = _user_frame()
+    caller, stack, nested = _user_frame()
+    if nested:
+        return -1
     with _lock:
         _sites.append(Site(target, None, (types,), (), caller, stack))
         number = len(_sites) - 1
@@ -161,8 +171,10 @@ def not_checked_in_graph(target: str, types: str) -> int:
 @torch._dynamo.nonstrict_trace
 def check_in_graph(target: str, args: tuple, kwargs: dict) -> int:
     """Traced into a compiled graph in place of the eager check (module docstring); the site's
-    number (a nonstrict-traced function must return a tensor, an int or a list)."""
+    number, -1 for a nested call (a nonstrict-traced function must return a tensor, an int or a list)."""
     tensors, site = _record(target, args, kwargs)
+    if site is None:
+        return -1
     torch.ops.tsan_paged.check(tensors, site)
     return site
 
