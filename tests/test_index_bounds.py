@@ -61,6 +61,7 @@ def test_a_negative_plan_entry_is_one_error_at_its_position(path, monkeypatch):
         wrapper = make_wrapper(flashinfer.BatchDecodeWithPagedKVCacheWrapper, monkeypatch)
         reached(wrapper.plan, indptr, indices, last, 4, 4, 64, 16)
     assert found(san.reports) == [("page-out-of-range", "indices", (2, 3), -1, NO_PAGE_BOUND, 1)]
+    assert "page count is not known yet (valid >= 0)" in san.reports[0].message, san.reports[0].message
 
 
 @pytest.mark.parametrize("path", PATHS)

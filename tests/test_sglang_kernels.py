@@ -362,11 +362,13 @@ def test_torch_native_decode_planted_slot_caught_at_request_and_position(interpr
         "sglang.srt.layers.attention.torch_native_backend:TorchNativeAttnBackend._run_sdpa_forward_decode",
         "page-out-of-range", "req_to_token[req_pool_indices]", (2, 9), SLOTS, SLOTS)
     assert found.caller.startswith("tests/test_sglang_kernels.py:")  # the caller of the private helper
+    assert f"k_cache has {SLOTS} slots (valid 0..{SLOTS - 1})" in found.message, found.message
     req_to_token[2, 9] = 1
     rows[0] = 6  # past req_to_token's 6 rows
     with PagedSanitizer(mode="raise"), pytest.raises(PageTableViolation) as caught:
         native_decode(q, k, v, req_to_token, rows, lengths)
     assert [(v.arg, v.index, v.value) for v in caught.value.violations] == [("req_pool_indices", (0, 0), 6, )]
+    assert "req_pool_indices[0, 0] = 6, req_to_token has 6 rows (valid 0..5)" in caught.value.violations[0].message
 
 
 def test_mla_pool_write_checked():

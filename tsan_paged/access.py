@@ -45,10 +45,12 @@ from .report import CHECKS
 
 @dataclass(frozen=True)
 class Buffer:
-    """A buffer the table's pages (or slots) index: its name in reports and its size."""
+    """A buffer the table's pages (or slots) index: its name in reports and its size, counted in
+    ``unit``s (what an entry names, in reports: "page", "slot", "row")."""
 
     name: str
     pages: int
+    unit: str = "page"
 
 
 @dataclass(eq=False, slots=True)

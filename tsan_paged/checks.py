@@ -81,10 +81,21 @@ def out_of_range(values: torch.Tensor, bound: int) -> torch.Tensor:
 
 # -- messages: one wording for the torch checks and the device records ---------------------
 
-def page_message(arg: str, index: tuple, value: int, buffer: str, pages: int, live: bool) -> str:
+UNKNOWN_COUNT = 2**62
+"""A buffer size no index reaches, for a rule that does not know the size yet (FlashInfer's
+``plan()``: the cache comes at ``run()``): only negative entries and the list's structure are
+found, and messages say the size is not known."""
+
+
+def _valid_range(buffer: str, count: int, unit: str, note: str = "") -> str:
+    if count >= UNKNOWN_COUNT:
+        return f"{buffer}'s {unit} count is not known yet (valid >= 0{note})"
+    return f"{buffer} has {count} {unit}s (valid 0..{count - 1}{note})"
+
+
+def page_message(arg: str, index: tuple, value: int, buffer: str, pages: int, live: bool, unit: str = "page") -> str:
     where = "read by the kernel" if live else "outside the read region (stale, not read)"
-    return (f"{arg}[{_index_text(index)}] = {value}, {buffer} has {pages} pages (valid 0..{pages - 1}); "
-            f"entry is {where}")
+    return f"{arg}[{_index_text(index)}] = {value}, {_valid_range(buffer, pages, unit)}; entry is {where}"
 
 
 def negative_message(arg: str, row: int, value: int) -> str:
@@ -102,8 +113,8 @@ def over_table_message(arg: str, row: int, value: int, page_size: int, table_arg
 
 def csr_page_message(indices_arg: str, position: int, row: int, col: int, value: int, buffer: str,
                      pages: int, unit: str = "page") -> str:
-    return (f"{indices_arg}[{position}] (row {row}, {unit} {col} of the row) = {value}, {buffer} has {pages} "
-            f"{unit}s (valid 0..{pages - 1})")
+    return (f"{indices_arg}[{position}] (row {row}, {unit} {col} of the row) = {value}, "
+            f"{_valid_range(buffer, pages, unit)}")
 
 
 def last_page_over_message(arg: str, row: int, value: int, page_size: int) -> str:
@@ -120,7 +131,7 @@ def indptr_end_message(arg: str, stop: int, indices_arg: str, entries: int) -> s
 
 def slot_message(arg: str, token: int, value: int, buffer: str, slots: int, negative_skipped: bool = True) -> str:
     padding = "; negative = padding" if negative_skipped else ""
-    return f"{arg}[{token}] = {value}, {buffer} has {slots} slots (valid 0..{slots - 1}{padding})"
+    return f"{arg}[{token}] = {value}, {_valid_range(buffer, slots, 'slot', padding)}"
 
 
 def write_batch_message(arg: str, token: int, value: int, batch: int, indptr_arg: str) -> str:
@@ -135,8 +146,8 @@ def write_position_message(arg: str, token: int, value: int, kv_len: int, row: i
 
 def write_page_message(indices_arg: str, indptr_arg: str, row: int, col: int, value: int, buffer: str,
                        pages: int, token: int) -> str:
-    return (f"{indices_arg}[{indptr_arg}[{row}] + {col}] (row {row}, page {col} of the row) = {value}, {buffer} "
-            f"has {pages} pages (valid 0..{pages - 1}); appended token {token} is WRITTEN there")
+    return (f"{indices_arg}[{indptr_arg}[{row}] + {col}] (row {row}, page {col} of the row) = {value}, "
+            f"{_valid_range(buffer, pages, 'page')}; appended token {token} is WRITTEN there")
 
 
 def unsupported_form(target: str, arg: str, why: str) -> Violation:
@@ -212,7 +223,7 @@ Region = Callable[[], tuple]
 
 
 def check_pages_in_range(table: torch.Tensor, arg: str, num_pages: int, buffer: str, region: Region,
-                         index_of: Optional[IndexOf] = None) -> list:
+                         index_of: Optional[IndexOf] = None, unit: str = "page") -> list:
     """Every entry the kernel reads must be a page of ``buffer``: ``0 <= v < num_pages``.
 
     ``table`` is a 2D view ``[R, W]``; ``region()`` gives row r's read region, columns
@@ -222,9 +233,9 @@ def check_pages_in_range(table: torch.Tensor, arg: str, num_pages: int, buffer: 
     """
     if table.is_cuda:
         first, end = region()  # torch ops on the device: queued, not waited for
-        return [PageTable(table, arg, (Buffer(buffer, int(num_pages)),), first=first, end=end, explicit_region=True,
-                          index_of=index_of)]
-    return _pages_in_range(table, arg, num_pages, buffer, region, index_of or _cell_index)
+        return [PageTable(table, arg, (Buffer(buffer, int(num_pages), unit),), first=first, end=end,
+                          explicit_region=True, index_of=index_of)]
+    return _pages_in_range(table, arg, num_pages, buffer, region, index_of or _cell_index, unit)
 
 
 def check_csr_pages(indptr: torch.Tensor, indices: torch.Tensor, last_page_len: Optional[torch.Tensor],
@@ -306,7 +317,7 @@ def _per_row(check, arg, lengths, rows, bound, index_of, describe) -> Violation:
                      count=int(rows.numel()), examples=examples)
 
 
-def _pages_in_range(table, arg, num_pages, buffer, region, index_of) -> list:
+def _pages_in_range(table, arg, num_pages, buffer, region, index_of, unit="page") -> list:
     if table.numel() == 0:
         return []
     low, high = torch.aminmax(table)
@@ -333,7 +344,7 @@ def _pages_in_range(table, arg, num_pages, buffer, region, index_of) -> list:
         r, c = positions[0].tolist()
         value = int(values[0])
         index = index_of(r, c)
-        found.append(Violation(check, arg, page_message(arg, index, value, buffer, num_pages, is_live),
+        found.append(Violation(check, arg, page_message(arg, index, value, buffer, num_pages, is_live, unit),
                                index=index, value=value, bound=num_pages, count=int(positions.shape[0]),
                                examples=_examples(positions, values, index_of)))
     return found
@@ -429,7 +440,7 @@ def page_table_findings(access: PageTable) -> list:
                                  access.tile or page_size), end
 
     for view, index_of, buffer in table_views(access):
-        found += _pages_in_range(view, access.arg, buffer.pages, buffer.name, region, index_of)
+        found += _pages_in_range(view, access.arg, buffer.pages, buffer.name, region, index_of, buffer.unit)
     found = _only(found, access.only)
     if access.relabel is not None:
         found = [access.relabel(v, access.buffers) for v in found]

@@ -521,7 +521,8 @@ def _dense_findings(plan: Plan, words, previous_hits=None) -> list:
             index = info["index_of"][view](r, col)
             arg, buffer = info["arg"], info["buffers"][view]
             bound = buffer.pages
-            message = checks.page_message(arg, index, value, buffer.name, buffer.pages, c in (K.PAGE0, K.PAGE1))
+            message = checks.page_message(arg, index, value, buffer.name, buffer.pages, c in (K.PAGE0, K.PAGE1),
+                                           buffer.unit)
             message += _saturated(info, value)
         out.append(Violation(K.CHECK_IDS[c], arg, message, index=index, value=value, bound=bound, count=count,
                              examples=((index, value),)))

@@ -505,7 +505,7 @@ def xqa_mla(call):
 # indptr and indices with a CPU last_page_len): see _as_planned.
 _wrapper_state = weakref.WeakKeyDictionary()  # wrapper -> {"plan": ..., "pages": ..., "verified": ...}
 _WRAPPER_BUFFERS = ("_paged_kv_indptr_buf", "_paged_kv_indices_buf", "_paged_kv_last_page_len_buf")
-NO_PAGE_BOUND = 2**62  # a page count no entry reaches: the list's structure is checked, not its pages
+NO_PAGE_BOUND = checks.UNKNOWN_COUNT  # plan(): the list's structure and signs are checked, not its pages
 
 
 def _as_planned(ids, *others) -> tuple:

@@ -214,7 +214,7 @@ def _torch_native(call):
     the batch reads, ``req_to_token[req_pool_indices]``."""
     k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, encoder_lens, cross = call.read(_NATIVE_READS)
     rows = int(req_to_token.shape[0])
-    found = [PageTable(req_pool_indices.reshape(-1, 1), "req_pool_indices", (Buffer("req_to_token (rows)", rows),),
+    found = [PageTable(req_pool_indices.reshape(-1, 1), "req_pool_indices", (Buffer("req_to_token", rows, "row"),),
                        whole_row=True)]
     table = req_to_token[req_pool_indices.clamp(0, rows - 1)]  # a bad request index is the finding above
     if encoder_lens is None:
@@ -225,7 +225,7 @@ def _torch_native(call):
         first, end = encoder_lens, encoder_lens + seq_lens
     slots = min(int(k_cache.shape[0]), int(v_cache.shape[0]))
     name = "k_cache" if int(k_cache.shape[0]) == slots else "v_cache"
-    access = PageTable(table, "req_to_token[req_pool_indices]", (Buffer(f"{name} (token slots)", slots),),
+    access = PageTable(table, "req_to_token[req_pool_indices]", (Buffer(name, slots, "slot"),),
                        lengths=end, lengths_arg="seq_lens" if encoder_lens is None else "encoder_lens + seq_lens",
                        first=first, end=end, explicit_region=True)
     return found + [access] + tracking.check_read_pages(call, access, (k_cache, v_cache), q_len=1, slots=True)
