@@ -7,7 +7,10 @@ kernel variants; the real kernels run under Triton's interpreter:
   and extend kernel (``extend_attention_fwd``, with and without a sliding window), on CSR slot
   lists SGLang over-allocates (entries past ``kv_indptr[-1]`` are dead);
 - vLLM 0.33.0's Triton ``unified_attention`` (windows, ``q_len > 1``, the 2D and split-KV 3D
-  kernels), on ``[batch, W]`` block tables.
+  kernels), on ``[batch, W]`` block tables;
+- SGLang's ``torch_native`` backend (``_run_sdpa_forward_decode`` / ``_extend``, in torch): what it
+  gathers is seen exactly, an entry at a time, through torch's own bounds check (an out-of-range
+  id there raises ``IndexError``), in place of the interpreter's load trace.
 
 Each example asks the sanitizer which entries are live (``region_oracle.rule_live``), runs the
 kernel with each entry's page poisoned with NaN and with its loads traced, and asserts:
@@ -226,6 +229,86 @@ def test_sglang_triton_extend_region(data):
            exact=window <= 0, key="window, " if window > 0 else "")
 
 
+# -- SGLang 0.5.23: torch_native, SDPA over the token slots it gathers ------------------------
+NATIVE_TALLY = ro.Tally()
+
+
+def _gathers(run, table, cell, bad) -> bool:
+    """Whether ``run()`` (a pure-torch kernel, no sanitizer) reads ``table[cell]``: with ``bad`` (out
+    of range) there, torch's own bounds check raises when the kernel gathers it."""
+    saved = table[cell].clone()
+    table[cell] = bad
+    try:
+        run()
+        return False
+    except IndexError:
+        return True
+    finally:
+        table[cell] = saved
+
+
+@pytest.mark.skipif(SGLANG is not None, reason=SGLANG or "")
+@examples(30)
+@given(data=st.data())
+def test_sglang_torch_native_region(data):
+    """``TorchNativeAttnBackend._run_sdpa_forward_decode`` / ``_extend`` (SGLang's code, in torch):
+    what they gather is seen exactly, through torch's bounds check, entry by entry."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    draw = data.draw
+    extend = draw(st.booleans(), label="extend (else decode)")
+    batch = draw(st.integers(1, 3), label="batch")
+    lengths = draw(st.lists(st.integers(1, 12), min_size=batch, max_size=batch), label="seq_lens")
+    encoder = draw(st.sampled_from([None, "self", "cross"]), label="encoder_lens")
+    enc = draw(st.lists(st.integers(1, 5), min_size=batch, max_size=batch), label="encoder lens") if encoder else None
+    window = draw(st.one_of(st.none(), st.integers(0, 6)), label="sliding_window_size") if not encoder else None
+    spare_rows = draw(st.integers(0, 2), label="rows of no request")
+    width = max(n + (e if encoder == "self" else 0) for n, e in zip(lengths, enc or [0] * batch))
+    width = max(width, max(enc) if enc else 0) + draw(st.integers(0, 3), label="spare columns")
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    rows = batch + spare_rows
+    num_slots = rows * width + 1  # every entry a distinct slot; slot 0: SGLang's padding slot
+    req_to_token = (torch.randperm(num_slots - 1, generator=g) + 1).reshape(rows, width).to(torch.int32)
+    req_pool_indices = torch.randperm(rows, generator=g)[:batch]
+    seq_lens = torch.tensor(lengths)
+    encoder_lens = torch.tensor(enc) if enc else None
+    heads, kv_heads = 4, 2
+    k = torch.randn(num_slots, kv_heads, DIM, generator=g)
+    v = torch.randn(num_slots, kv_heads, DIM, generator=g)
+    if extend:
+        extend_lens = [draw(st.integers(1, n), label="extend_len") for n in lengths]
+        prefix = torch.tensor([n - e for n, e in zip(lengths, extend_lens)])
+        cu = [0] + torch.cumsum(torch.tensor(extend_lens), 0).tolist()
+    else:
+        cu = list(range(batch + 1))
+    q = torch.randn(cu[-1], heads, DIM, generator=g)
+    common = dict(encoder_lens=encoder_lens, scaling=DIM ** -0.5, enable_gqa=True, causal=encoder is None,
+                  is_cross_attn=encoder == "cross", sliding_window_size=window)
+
+    def run(kk=k, vv=v):
+        o = torch.zeros_like(q)
+        if extend:
+            return TorchNativeAttnBackend._run_sdpa_forward_extend(
+                TorchNativeAttnBackend, q, o, kk, vv, req_to_token, req_pool_indices, seq_lens, prefix,
+                torch.tensor(extend_lens), **common)
+        return TorchNativeAttnBackend._run_sdpa_forward_decode(
+            TorchNativeAttnBackend, q, o, kk, vv, req_to_token, req_pool_indices, seq_lens, **common)
+
+    cells = [(r, c) for r in range(rows) for c in range(width)]
+    live = ro.rule_live(run, req_to_token, cells, num_slots)
+    base = run()
+    touched = {int(req_to_token[c]) for c in cells if _gathers(run, req_to_token, c, num_slots)}
+
+    def poison(slots):
+        k2, v2 = k.clone(), v.clone()
+        k2[slots], v2[slots] = NAN, NAN
+        return run(k2, v2)
+
+    requests = {b: [(int(req_pool_indices[b]), c) for c in range(width)] for b in range(batch)}
+    _probe(NATIVE_TALLY, base, requests, lambda b: slice(cu[b], cu[b + 1]), live, lambda c: int(req_to_token[c]),
+           poison, touched, key=f"{'extend' if extend else 'decode'}{', ' + encoder if encoder else ''}, ")
+
+
 # -- vLLM 0.33.0: Triton unified_attention on [batch, W] block tables -------------------------
 try:
     import needs_vllm  # noqa: F401
@@ -307,6 +390,7 @@ def tallies(pytestconfig):
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
         for name, tally in (("sglang.decode_attention_fwd", DECODE_TALLY),
-                            ("sglang.extend_attention_fwd", EXTEND_TALLY), ("vllm.unified_attention", UNIFIED_TALLY)):
+                            ("sglang.extend_attention_fwd", EXTEND_TALLY),
+                            ("sglang.TorchNativeAttnBackend", NATIVE_TALLY), ("vllm.unified_attention", UNIFIED_TALLY)):
             if tally.examples:
                 print("\nread-region oracle: " + tally.summary(name))
