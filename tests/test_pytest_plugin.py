@@ -101,6 +101,26 @@ def test_mode_with_a_space_is_a_clear_usage_error(suite):
     result.stderr.fnmatch_lines(["*write --paged-sanitizer=raise (with '='); 'raise' was taken as a test path*"])
 
 
+def test_a_config_outside_the_directory_takes_the_equals_sign(suite, tmp_path):
+    """pytest chooses its rootdir (and ini file) before it knows the plugin's options: a config path
+    after a space is a test path then, and one outside the directory moved the rootdir there (the
+    project's ini settings lost). That form is a usage error; with '=' the rootdir stays."""
+    config = tmp_path / "elsewhere" / "tsan.toml"
+    config.parent.mkdir()
+    config.write_text('mode = "log"\n')
+    suite.makeini("[pytest]\nmarkers =\n    mine: the project's own marker\n")
+    result = suite.runpytest_subprocess("--paged-sanitizer", "--paged-sanitizer-config", str(config), "tests/")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*write --paged-sanitizer-config={config} (with '=')*"])
+    result = suite.runpytest_subprocess("--paged-sanitizer", f"--paged-sanitizer-config={config}", "tests/",
+                                        "-p", "no:cacheprovider", "-rf")
+    check_outcomes(result)
+    assert f"rootdir: {suite.path}" in result.stdout.str()
+    (suite.path / "local.toml").write_text('mode = "log"\n')  # inside the directory: either form
+    check_outcomes(suite.runpytest_subprocess("--paged-sanitizer", "--paged-sanitizer-config", "local.toml", "tests/",
+                                              "-p", "no:cacheprovider", "-rf"))
+
+
 def test_session_option(suite):
     check_outcomes(suite.runpytest_subprocess("--paged-sanitizer", "-p", "no:cacheprovider", "-rf"))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,13 @@ def pytest_configure(config):
         if flag == "--paged-sanitizer" and following in MODES and not os.path.exists(following):
             raise pytest.UsageError(f"--paged-sanitizer {following}: write --paged-sanitizer={following} "
                                     f"(with '='); '{following}' was taken as a test path")
+        if flag == "--paged-sanitizer-config" and not _under(following, config.invocation_params.dir):
+            # pytest picks its rootdir and ini file before a plugin's options are known, with the
+            # value taken for a test path: one outside this directory moves the rootdir there, and
+            # the project's own ini settings are lost
+            raise pytest.UsageError(
+                f"--paged-sanitizer-config {following}: write --paged-sanitizer-config={following} (with '='); "
+                f"pytest took the path for a test path when it chose its rootdir ({config.rootpath})")
     mode = config.getoption("paged_sanitizer") or config.getini("paged_sanitizer").strip() or None
     if mode is not None and mode not in MODES:
         raise pytest.UsageError(f"paged_sanitizer = {mode!r}: use one of {', '.join(MODES)}")
@@ -68,6 +76,10 @@ def pytest_configure(config):
         except ConfigError as exc:
             raise pytest.UsageError(f"paged sanitizer: {exc}") from None
     config.stash[_SESSION] = settings
+
+
+def _under(path: str, directory) -> bool:
+    return (Path(directory) / path).resolve().is_relative_to(Path(directory).resolve())
 
 
 def pytest_sessionstart(session):
