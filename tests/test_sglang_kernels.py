@@ -313,6 +313,41 @@ def test_pool_write_valid_slots_written_planted_slot_caught(page_size):
             "page-out-of-range", "loc", (1,), bad, rows)
 
 
+@pytest.mark.parametrize("interpret", [False, True], ids=["torch", "device kernel (interpreted)"])
+def test_pool_prefix_valid_write_checks_each_rows_committed_slots(interpret):
+    """``MHATokenToKVPool.set_kv_buffer_prefix_valid`` (DFlash's draft-KV commit): row b writes
+    ``loc_2d[b, :commit_lens[b]]``. Past a row's commit length the slots are not written: stale
+    values there are dead warnings, never errors; a committed slot past the pool is an error at
+    (row, column); a commit length past the row is too. Through SGLang's own method (on a CPU it
+    writes with set_kv_buffer, which is not checked a second time)."""
+    pool = mha_pool(1)
+    rows = pool.size + pool.page_size
+    loc_2d = torch.tensor([[3, 4, 5, rows + 7], [10, 11, -1, -1]], dtype=torch.int32)  # stale tails
+    commit_lens = torch.tensor([3, 2], dtype=torch.int32)
+    k = torch.randn(8, KV_HEADS, DIM).to(torch.bfloat16)
+    target = "sglang.srt.mem_cache.memory_pool:MHATokenToKVPool.set_kv_buffer_prefix_valid"
+    san = PagedSanitizer(mode="raise")
+    san.options.device_interpret = interpret
+    with san:
+        pool.set_kv_buffer_prefix_valid(Layer(), loc_2d, commit_lens, k, k.clone())
+    [stale] = san.reports  # one finding per check: the first entry, and how many
+    assert (stale.check, stale.index, stale.count) == ("dead-page-out-of-range", (0, 3), 3)
+    assert torch.equal(pool.get_key_buffer(0)[11], k[5]) and dict(san.checked) == {(target, "host"): 1}
+    loc_2d[1, 1] = rows
+    with pytest.raises(PageTableViolation) as caught, san:
+        pool.set_kv_buffer_prefix_valid(Layer(), loc_2d, commit_lens, k, k.clone())
+    found = caught.value.violations[0]
+    assert (found.op, found.check, found.arg, found.index, found.value, found.bound) == (
+        target, "page-out-of-range", "loc_2d", (1, 1), rows, rows)
+    assert f"has {rows} slots" in found.message
+    loc_2d[1, 1] = 11
+    commit_lens[0] = 5  # more than the row holds: its stale slot is committed too
+    with pytest.raises(PageTableViolation) as caught, san:
+        pool.set_kv_buffer_prefix_valid(Layer(), loc_2d, commit_lens, k, k.clone())
+    assert sorted((v.check, v.arg, v.index) for v in caught.value.violations if v.severity == "error") == [
+        ("page-out-of-range", "loc_2d", (0, 3)), ("seq-len-exceeds-table", "commit_lens", (0,))]
+
+
 def native_decode_inputs(lengths=(7, 30, 12), seed=3):
     """What SGLang's torch_native decode reads: req_to_token rows (token slots), the batch's rows of
     it, lengths, and per-token K / V."""

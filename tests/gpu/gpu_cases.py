@@ -554,7 +554,11 @@ def checked_alone(dev="cuda") -> dict:
     cases["vllm unified_attention"] = ("vllm.v1.attention.ops.triton_unified_attention:unified_attention",
                                        dict(q=q, k=cache, v=cache, cu_seqlens_q=torch.arange(5, **i32),
                                             max_seqlen_q=1, seqused_k=seqlens, window_size=(-1, -1),
-                                            block_table=table), plant_page)
+                                            block_table=table, causal=True, seq_threshold_3D=None,
+                                            num_par_softmax_segments=None, softmax_segm_output=None,
+                                            softmax_segm_max=None, softmax_segm_expsum=None, mm_prefix_range=None,
+                                            rswa_prefix_lens=None, rswa_window=None, kv_quant_mode=None,
+                                            chunk_lookback=-1, use_td=False), plant_page)
 
     # FlashMLA dense decode ([num_blocks, 64, 1, 576]; column 0 read at length 0)
     mla_pages = 300
@@ -581,6 +585,16 @@ def checked_alone(dev="cuda") -> dict:
     cases["sglang MHATokenToKVPool.set_kv_buffer"] = (
         "sglang.srt.mem_cache.memory_pool:MHATokenToKVPool.set_kv_buffer",
         dict(self=SimpleNamespace(size=1024, page_size=64), loc_info=loc), plant_loc)
+    loc_2d = torch.randint(1, 1024, (4, 6), generator=g, device=dev, dtype=torch.int64)  # row b commits
+    commit_lens = torch.tensor([4, 2, 3, 1], **i32)  # its first commit_lens[b] slots
+
+    def plant_loc_2d():
+        loc_2d[2, 2] = 1024 + 64
+        return ("page-out-of-range", (2, 2), 1024 + 64, 1024 + 64)
+
+    cases["sglang MHATokenToKVPool.set_kv_buffer_prefix_valid"] = (
+        "sglang.srt.mem_cache.memory_pool:MHATokenToKVPool.set_kv_buffer_prefix_valid",
+        dict(self=SimpleNamespace(size=1024, page_size=64), loc_2d=loc_2d, commit_lens=commit_lens), plant_loc_2d)
     slot_mapping = torch.randint(0, 64 * 16, (8,), generator=g, device=dev, dtype=torch.int64)
     slot_mapping[3] = -1
 

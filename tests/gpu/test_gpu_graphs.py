@@ -259,7 +259,8 @@ def check_captured(san, target, arguments, plant, library_dirs=()):
 ALONE = ["sglang decode_attention_fwd", "sglang extend_attention_fwd", "sglang torch_native decode",
          "sglang fa3 flash_attn_with_kvcache",
          "sglang fa4 flash_attn_with_kvcache", "vllm flash_attn_varlen_func", "vllm unified_attention",
-         "flash_mla_with_kvcache", "sglang MHATokenToKVPool.set_kv_buffer", "vllm concat_and_cache_mla",
+         "flash_mla_with_kvcache", "sglang MHATokenToKVPool.set_kv_buffer",
+         "sglang MHATokenToKVPool.set_kv_buffer_prefix_valid", "vllm concat_and_cache_mla",
          "flashinfer cudnn_batch_decode_with_kv_cache", "flashinfer trtllm decode, context parallel",
          "flashinfer trtllm decode, request_order", "flashinfer BatchMLAPagedAttentionWrapper.run"]
 

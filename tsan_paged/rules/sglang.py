@@ -276,3 +276,24 @@ for _method in ("MHATokenToKVPool.set_kv_buffer", "MLATokenToKVPool.set_kv_buffe
     rule(f"{POOLS}:{_method}", name=f"sglang.{_method}", reads=_WRITE_READS)(_pool_write)
 rule(f"{POOLS}:MLATokenToKVPool.set_mla_kv_buffer", name="sglang.MLATokenToKVPool.set_mla_kv_buffer",
      reads=_WRITE_READS)(lambda call: _pool_write(call, dcp_widened=True))
+
+_PREFIX_VALID_READS = ("self", "loc_2d", "commit_lens")
+
+
+@rule(f"{POOLS}:MHATokenToKVPool.set_kv_buffer_prefix_valid", name="sglang.MHATokenToKVPool.set_kv_buffer_prefix_valid",
+      reads=_PREFIX_VALID_READS)
+def _pool_write_prefix_valid(call):
+    """DFlash speculative decoding's draft-KV commit (``memory_pool.py``): row ``b`` writes
+    ``cache_k / cache_v`` rows to the slots ``loc_2d[b, :commit_lens[b]]`` (a tiled kernel on CUDA,
+    ``set_kv_buffer`` elsewhere); the rest of each row is not written. Forms SGLang refuses with its
+    own ``ValueError`` (ranks, batch sizes) are left to it; it moves ``commit_lens`` to the pool's
+    device, and so does the check."""
+    pool, loc_2d, commit_lens = call.read(_PREFIX_VALID_READS)
+    if not (isinstance(loc_2d, torch.Tensor) and isinstance(commit_lens, torch.Tensor)) or loc_2d.dim() != 2 \
+            or commit_lens.dim() != 1 or commit_lens.shape[0] != loc_2d.shape[0]:
+        return []
+    if commit_lens.device != loc_2d.device:
+        commit_lens = commit_lens.to(loc_2d.device, non_blocking=True)
+    rows = int(pool.size) + int(pool.page_size)
+    return [PageTable(loc_2d, "loc_2d", (Buffer(f"{type(pool).__name__} (size + page_size)", rows, "slot"),),
+                      lengths=commit_lens, lengths_arg="commit_lens", guard=0)]
