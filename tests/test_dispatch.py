@@ -131,10 +131,13 @@ def test_ops_with_their_own_backend_select_kernel_use_the_mode():
         return checks.check_pages_in_range(call["table"], "table", call["pages"], "pages", lambda: (None, None))
 
     before = dispatch_stack_depth()
-    with PagedSanitizer(mode="raise", registry=reg):
+    with PagedSanitizer(mode="raise", registry=reg) as san:
         assert dispatch_stack_depth() == before + 1  # the fallback TorchDispatchMode
         with pytest.raises(PageTableViolation):
             torch.ops.tsan_bs.make(torch.tensor([[1, 5]]), 5)
+        lib.impl("make", lambda table, pages: table.clone(), "Meta")
+        torch.ops.tsan_bs.make(torch.tensor([[1, 5]], device="meta"), 5)  # no values: not checked
+        assert len(san.reports) == 1 and sum(san.checked.values()) == 1, (san.reports, san.checked)
     assert dispatch_stack_depth() == before
     lib._destroy()
 

@@ -168,6 +168,17 @@ def test_a_clean_run_says_what_it_checked(tmp_path):
     assert "no process of the command was sanitized" in bare.stderr, bare.stderr
 
 
+def test_a_clean_process_without_a_report_dir_says_what_it_checked_at_exit(tmp_path):
+    """``TSAN_PAGED=log`` (and the pytest session) with built-in rules only and no report directory:
+    the exit summary still says how many calls were checked, also with nothing found."""
+    program = tmp_path / "clean.py"
+    program.write_text(CLEAN_PROGRAM)
+    result = run([sys.executable, str(program), "3", "exit"], TSAN_PAGED="log")
+    assert result.returncode == 0, result.stderr
+    assert "tsan_paged summary: 0 error(s), 0 warning(s) in 0 distinct finding(s); 3 call(s) checked" in result.stderr, \
+        result.stderr
+
+
 def test_a_killed_process_leaves_its_counts(tmp_path):
     """A worker SIGKILLed by its parent runs no exit handler: its counts, written while it ran, remain."""
     from tsan_paged.report import CHECKED_FLUSH_S

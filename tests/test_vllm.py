@@ -6,6 +6,7 @@ interfaces and ``_custom_ops`` wrappers over these ops) is tested in ``test_vllm
 where vLLM is installed.
 """
 
+import contextlib
 import random
 
 import pytest
@@ -125,3 +126,27 @@ def test_concat_and_cache_mla_writes_checked():
         torch.ops._C_cache_ops.concat_and_cache_mla(kv_c, k_pe, kv_cache, slots, "auto", torch.tensor(1.0))
     v = info.value.violations[0]
     assert (v.check, v.arg, v.index, v.value) == ("page-out-of-range", "slot_mapping", (0,), NUM_BLOCKS * BLOCK_SIZE)
+
+
+def test_calls_on_meta_and_fake_tensors_are_not_checked():
+    """vLLM's own cache tests run ``torch.library.opcheck`` on these ops: its fake-tensor and AOT
+    passes call them with meta / fake tensors, which hold no values (and no kernel reads memory).
+    They are not checked (a rule reading values there raised rule-error) nor counted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops._C_cache_ops.reshape_and_cache
+    args = cache_inputs(False)
+    with PagedSanitizer(mode="raise") as san:
+        # the stand-in has no meta kernel: the dispatcher's own error, once the sanitizer let the call by
+        with pytest.raises(NotImplementedError, match="Meta tensors"):
+            op(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+        with FakeTensorMode() as mode, contextlib.suppress(NotImplementedError, RuntimeError):
+            op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        assert san.reports == [] and not san.checked, (san.reports, san.checked)
+        try:
+            torch.library.opcheck(op, tuple(args))
+        except Exception:  # the stand-in's own opcheck verdict is not what this tests
+            pass
+        op(*args)  # a real call still is
+    assert san.reports == [], [str(v) for v in san.reports]
+    assert san.checked[("_C_cache_ops::reshape_and_cache", "host")] >= 1

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils import _pytree as pytree
 
 from .registry import parse_target
 
@@ -119,8 +120,11 @@ class OpInterposer:
     def _make_kernel(self, target: str, op):
         on_call = self.on_call
         below = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.BackendSelect)
+        meta = torch._C.DispatchKey.Meta
 
         def tsan_paged_kernel(keyset, *args, **kwargs):
+            if keyset.has(meta):  # meta tensors (fake tensors, opcheck, AOT tracing): no values, no kernel runs
+                return op.redispatch(keyset & below, *args, **kwargs)
             return on_call(target, op, args, kwargs, lambda: op.redispatch(keyset & below, *args, **kwargs))
 
         return tsan_paged_kernel
@@ -143,9 +147,18 @@ class ModeCatcher(TorchDispatchMode):
             target = name if name in self._by_name else packet if packet in self._by_name else None
             self._target_of[func] = target
         kwargs = kwargs or {}
-        if target is None:
+        if target is None or _without_values(args, kwargs):
             return func(*args, **kwargs)
         return self._on_call(target, func, args, kwargs, lambda: func(*args, **kwargs))
+
+
+def _without_values(args, kwargs) -> bool:
+    """Whether a call's tensors are meta or fake tensors (FakeTensorMode, ``torch.library.opcheck``,
+    AOT tracing): nothing to check, and no kernel reads memory."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, torch.Tensor) and (t.is_meta or isinstance(t, FakeTensor))
+               for t in pytree.tree_leaves((args, kwargs)))
 
 
 op_interposer = OpInterposer()

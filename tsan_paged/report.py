@@ -199,8 +199,9 @@ class Reporter:
         """One more call checked: ``key`` is ``(op, how)``."""
         with self._lock:
             self.checked[key] += 1
-            if self._flusher is None and self.report_dir is not None:  # the first count of this process
+            if not self._atexit_registered:  # the exit summary says what a clean run checked
                 self._register_atexit()
+            if self._flusher is None and self.report_dir is not None:  # the first count of this process
                 self._flusher = threading.Thread(target=self._flush_checked_loop, name="tsan_paged-report",
                                                  daemon=True)
                 self._flusher.start()
