@@ -22,8 +22,8 @@ import threading
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .registry import parse_target
 
