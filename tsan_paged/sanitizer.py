@@ -310,9 +310,8 @@ class PagedSanitizer(contextlib.ContextDecorator):
         rules = self._rules.get(patched.target)
         if not rules:
             return patched.original(*args, **kwargs)
-        try:
-            arguments = patched.binder.bind(args, kwargs) if patched.binder else dict(enumerate(args), **kwargs)
-        except TypeError:  # a malformed call: the library raises its own error
+        arguments = _bound(patched, args, kwargs)
+        if arguments is None:  # a malformed call: the library raises its own error
             return patched.original(*args, **kwargs)
         self._check_and_act(patched.target, rules, arguments, patched.library_dirs)
         return _call_checked(patched.original, *args, **kwargs)
@@ -322,11 +321,8 @@ class PagedSanitizer(contextlib.ContextDecorator):
         checked as an eager call is, its caller the line the graph was traced from."""
         rules = self._rules.get(site.target)
         patched = interposer.patched.get(site.target)
-        if not rules or patched is None:
-            return
-        try:
-            arguments = patched.binder.bind(args, kwargs) if patched.binder else dict(enumerate(args), **kwargs)
-        except TypeError:
+        arguments = _bound(patched, args, kwargs) if rules and patched is not None else None
+        if arguments is None:
             return
         self._check_and_act(site.target, rules, arguments, patched.library_dirs, where=(site.caller, site.stack))
 
@@ -483,6 +479,15 @@ class PagedSanitizer(contextlib.ContextDecorator):
 def current() -> Optional[PagedSanitizer]:
     """The sanitizer that checks calls now: the most recently entered active one."""
     return _active[-1] if _active else None
+
+
+def _bound(patched: Patched, args: tuple, kwargs: dict) -> Optional[dict]:
+    """A Python call's arguments by parameter name, or ``None`` when the call does not fit the
+    signature."""
+    try:
+        return patched.binder.bind(args, kwargs) if patched.binder else dict(enumerate(args), **kwargs)
+    except TypeError:
+        return None
 
 
 def _call_checked(original, *args, **kwargs):
